@@ -1,0 +1,161 @@
+"""Every setting of every segmenter stage, documented, with its default.
+
+Copy this file to ``config.py`` (git-ignored) and edit it; the stages use ``config.py`` when it exists in
+the current folder, else this template. Ready-made configs for the supported use cases are in
+``configs/``. Any setting can also be changed for one run from the command line with its dotted key:
+
+    segmenter train --config configs/spine_mri.py --set train.epochs=5 --set train.model.base_filters=32
+
+Relative paths in this file resolve against this file's folder; relative paths given with ``--set``
+resolve against the folder you run the command from. A misspelt key is an error, not silently ignored.
+"""
+
+CONFIG = {
+    # Name of the experiment: outputs go to <paths.preloaded_root>/<experiment>/ and
+    # <paths.experiments_root>/<experiment>/.
+    "experiment": "demo_l3_ct",
+    # Class names in label order; index 0 is the background. Summaries and reports use these names.
+    "classes": ["background", "muscle"],
+    # Seed of the train/test split, the validation split of the search, weight initialisation and
+    # augmentation. Re-running with the same seed and inputs gives the same split.
+    "seed": 42,
+    "paths": {
+        "preloaded_root": "preloaded_dataset",
+        "experiments_root": "experiments",
+    },
+    # ------------------------------------------------------------------------------------------------
+    # 1. preload: original dataset -> preloaded_dataset/<experiment>/{train.npz, test.npz, manifest.json}
+    # ------------------------------------------------------------------------------------------------
+    "preload": {
+        # Folder of the original dataset, with images and masks in two subfolders paired by file name
+        # (without the format suffix): images/<id>.csv pairs with masks/<id>.csv, images/7.png with masks/7.npy.
+        # Supported: CSV (one slice of numbers; header row and , ; or tab delimiters detected), PNG (8/16
+        # bit), NPY, NIfTI (.nii, .nii.gz; 3D volumes are cut into slices along slice_axis) and DICOM (a
+        # .dcm file, or a subfolder of .dcm files = one series, in Hounsfield units).
+        "input_dir": "original_dataset/demo_l3_ct",
+        "images_subdir": "images",
+        "masks_subdir": "masks",
+        # Explicit [image, mask] pairs relative to input_dir, used instead of the two subfolders when given,
+        # e.g. [["dicom", "dicom_labels.nii.gz"]] for a DICOM series with a NIfTI label map.
+        "pairs": [],
+        # Regular expression whose first group (or whole match) in a slice id names its patient or volume;
+        # slices of one group never go to both train and test. None: every file is its own group.
+        "group_pattern": None,
+        # Source label -> class index, e.g. {255: 1} for 0/255 masks, or {86: 1, 87: 1} to merge two ids.
+        "label_map": {},
+        # What to do with mask labels that are neither classes nor in label_map: "error" stops with the
+        # file and labels named; "background" sets them to 0 (for multi-structure label maps).
+        "unmapped_labels": "error",
+        # Keep only slices whose (remapped) mask contains every listed label, e.g. [0, 1, 2]. [] keeps all.
+        "require_labels": [],
+        "normalization": {
+            # ct_window: clip to window (HU) then scale to 0..1 (CT); minmax: per image to 0..1;
+            # divide_255: 8-bit images to 0..1; zscore: per image to mean 0, sd 1 (MRI);
+            # percentile_zscore: clip to the percentiles, then zscore (MRI with outliers); none.
+            "method": "minmax",
+            "window": [-200.0, 300.0],
+            "percentiles": [0.5, 99.5],
+        },
+        # Every slice is resized to this (rows, columns): images linearly, masks nearest-neighbour.
+        # Both must be divisible by 2**train.model.depth.
+        "image_size": [256, 256],
+        # Share of slices (rounded to whole folds of patients/volumes) held out as the test set.
+        "test_fraction": 0.2,
+        # Axis along which 3D volumes are cut into 2D slices (2 = axial for RAS-oriented NIfTI).
+        "slice_axis": 2,
+        # Worker processes that read and preprocess files in parallel.
+        "workers": 2,
+        # Slices per shard file; a split larger than this is written as <split>-00000.npz, ... and streamed.
+        "shard_size": 1024,
+        # Skip bad image/mask pairs (listed in the manifest and printed) instead of stopping at the first.
+        "skip_invalid": False,
+    },
+    # ------------------------------------------------------------------------------------------------
+    # 2. tune: keras-tuner search on a validation split of the training set -> experiments/<experiment>/tune/
+    # ------------------------------------------------------------------------------------------------
+    "tune": {
+        # "hyperband", "random" or "bayesian".
+        "tuner": "hyperband",
+        # At most this many trials, and at most this many epochs per trial.
+        "max_trials": 10,
+        "max_epochs": 20,
+        # The search ends cleanly when this many minutes have passed, keeping the best so far (None: no limit).
+        "time_budget_minutes": 20.0,
+        # Share of the training slices (whole patients/volumes) used to score the trials.
+        "validation_fraction": 0.2,
+        "executions_per_trial": 1,
+        # Replaces entries of segmenter.tuning.DEFAULT_SEARCH_SPACE by name: a list is a choice, a dict
+        # {"min", "max", "step", "sampling"} a range, a single value fixes it. E.g. {"base_filters": [16, 32]}.
+        "search_space": {},
+    },
+    # ------------------------------------------------------------------------------------------------
+    # 3. train: the final model on the whole training set -> experiments/<experiment>/train/
+    # ------------------------------------------------------------------------------------------------
+    "train": {
+        "model": {
+            # "unet", "attention_unet", "residual_unet", "mobilenetv2_unet" or "deeplabv3plus".
+            "architecture": "unet",
+            # Down-sampling levels and filters of the first level (doubling per level).
+            "depth": 4,
+            "base_filters": 16,
+            # "group" (default: independent of batch statistics, right for small batches of medical
+            # images), "instance", "batch" or "none".
+            "normalization": "group",
+            "dropout": 0.0,
+            # "transpose" (learnt) or "resize" (bilinear then convolution) upsampling in the decoder.
+            "upsampling": "transpose",
+            # Encoder of deeplabv3plus: "mobilenetv2" or "resnet50".
+            "backbone": "mobilenetv2",
+            # Pretrained encoder for mobilenetv2_unet and deeplabv3plus: None, "imagenet" (downloads once)
+            # or the path of a local Keras weights file for the encoder.
+            "encoder_weights": None,
+            # Keep a pretrained encoder frozen for this many epochs first.
+            "freeze_encoder_epochs": 0,
+        },
+        # "dice", "jaccard", "cross_entropy", "dice_ce" (Dice + cross-entropy), "focal" or "tversky".
+        "loss": "dice_ce",
+        # One weight per class for the loss, or None for equal weights.
+        "class_weights": None,
+        # "adamw", "adam" or "sgd".
+        "optimizer": "adamw",
+        "learning_rate": 1e-3,
+        "weight_decay": 1e-4,
+        "batch_size": 4,
+        "epochs": 100,
+        # Training stops cleanly after this many minutes (None: no limit); the model so far is kept.
+        "time_budget_minutes": None,
+        # Random augmentation of the training slices (image and mask together).
+        "augmentation": {
+            "flip_horizontal": True,
+            "flip_vertical": False,
+            "rotation_degrees": 0.0,
+            "zoom": 0.0,
+            # Contrast/brightness jitter as a fraction of the image's spread.
+            "intensity": 0.0,
+        },
+        # Use tune/best_hyperparameters.json when it exists (False: always these settings).
+        "use_tuned_hyperparameters": True,
+        # float16 compute on GPUs with tensor cores; runs, without a speed-up, on CPU.
+        "mixed_precision": False,
+        # Training steps per compiled call; > 1 lowers per-step overhead for small images.
+        "steps_per_execution": 1,
+    },
+    # ------------------------------------------------------------------------------------------------
+    # 4. predict -> experiments/<experiment>/predict/test/ and predict/<input folder>/ for --input
+    # ------------------------------------------------------------------------------------------------
+    "predict": {
+        "batch_size": 8,
+    },
+    # ------------------------------------------------------------------------------------------------
+    # 5. evaluate -> experiments/<experiment>/evaluate/ (metrics.csv, summary.json, figures, report.html)
+    # ------------------------------------------------------------------------------------------------
+    "evaluate": {
+        # Tolerance of the normalised surface Dice, in mm when the pixel spacing is known, else pixels.
+        "nsd_tolerance": 2.0,
+        # Intensity window of the images in figures, in the original units (e.g. [-200, 200] HU for CT);
+        # None: the 1st to 99th percentile of each image.
+        "display_window": None,
+        # Bootstrap resamples for the confidence interval of the mean Dice.
+        "bootstrap_samples": 1000,
+    },
+}

@@ -1,0 +1,34 @@
+"""Multi-class sagittal spine MRI (background, disc, vertebra): PNG images with NPY masks.
+
+Data: ../shared/datasets/spine_mri_sagittal beside the checkout (20 slices, 256 x 256). Only slices whose
+mask has all three labels are kept (5 of the 20 are unlabelled or partly labelled). A default run:
+
+    segmenter preload --config configs/spine_mri.py
+    segmenter train --config configs/spine_mri.py
+    segmenter predict --config configs/spine_mri.py
+    segmenter evaluate --config configs/spine_mri.py
+"""
+
+CONFIG = {
+    "experiment": "spine_mri",
+    "classes": ["background", "disc", "vertebra"],
+    "paths": {"preloaded_root": "../preloaded_dataset", "experiments_root": "../experiments"},
+    "preload": {
+        "input_dir": "../../shared/datasets/spine_mri_sagittal",
+        "images_subdir": "images",
+        "masks_subdir": "masks",
+        "require_labels": [0, 1, 2],
+        "normalization": {"method": "divide_255"},
+        "image_size": [256, 256],
+    },
+    "train": {
+        # Group normalisation: with 12 training slices and batch 4, batch-norm statistics never settle.
+        "model": {"architecture": "unet", "depth": 4, "base_filters": 16, "normalization": "group"},
+        "loss": "dice_ce",
+        "batch_size": 4,
+        "epochs": 400,
+        "time_budget_minutes": 7.0,
+        "augmentation": {"flip_horizontal": True, "flip_vertical": True},
+    },
+    "tune": {"time_budget_minutes": 20.0, "max_epochs": 30, "max_trials": 12},
+}

@@ -1,0 +1,29 @@
+"""Resizing of images (linear, anti-aliased) and label maps (nearest neighbour), with spacing bookkeeping."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+from skimage.transform import resize
+
+
+def resize_image(image: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Resize a 2D image to ``shape`` with linear interpolation, anti-aliasing when shrinking."""
+    if tuple(image.shape) == tuple(shape):
+        return image.astype(np.float32, copy=False)
+    shrinking = any(new < old for new, old in zip(shape, image.shape))
+    return resize(image, shape, order=1, preserve_range=True, anti_aliasing=shrinking).astype(np.float32)
+
+
+def resize_mask(mask: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Resize a label map with nearest-neighbour interpolation so that no new labels appear."""
+    if tuple(mask.shape) == tuple(shape):
+        return mask
+    return resize(mask, shape, order=0, preserve_range=True, anti_aliasing=False).astype(mask.dtype)
+
+
+def resized_spacing(spacing: Optional[Sequence[float]], old_shape: Sequence[int], new_shape: Sequence[int]):
+    """Pixel spacing after resizing ``old_shape`` to ``new_shape`` (None stays None)."""
+    if spacing is None:
+        return None
+    return tuple(float(s) * old / new for s, old, new in zip(spacing, old_shape, new_shape))

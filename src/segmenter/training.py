@@ -1,0 +1,243 @@
+"""Train the final model on the whole training set and save it with its history, curves and checkpoints.
+
+``experiments/<experiment>/train/`` afterwards holds::
+
+    model.keras               the final model (loads with keras.models.load_model after ``import segmenter``)
+    checkpoints/last.keras    the model and optimizer state after the last finished epoch
+    checkpoints/state.json    the epoch and elapsed time that checkpoint belongs to (for --resume)
+    history.csv               one row per epoch (Keras CSVLogger)
+    tensorboard/              TensorBoard logs
+    training_curves.png       loss and Dice per epoch
+    hyperparameters.json      the settings the model was trained with, and where they came from
+    config.resolved.json
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import keras
+import tensorflow as tf
+
+from segmenter import losses, metrics, models
+from segmenter.artifacts import read_json, save_resolved_config, write_json_atomic
+from segmenter.config import AugmentationConfig, Config, ModelConfig, TrainConfig
+from segmenter.data_pipeline import make_dataset
+from segmenter.dataset import read_manifest
+
+OBJECTIVE = "mean_foreground_dice"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Settings: the config's, with the tuned hyperparameters on top
+# ----------------------------------------------------------------------------------------------------
+def apply_hyperparameters(train: TrainConfig, values: dict[str, Any]) -> TrainConfig:
+    """Return ``train`` with hyperparameter values (flat names, as the tuner uses) put in their sections.
+
+    A name that is a field of ``ModelConfig`` goes to ``train.model``, of ``AugmentationConfig`` to
+    ``train.augmentation``, of ``TrainConfig`` to ``train``; names of none are ignored (e.g. keras-tuner's
+    own ``tuner/epochs``).
+    """
+    merged = train.model_dump()
+    for name, value in values.items():
+        if name in ModelConfig.model_fields:
+            merged["model"][name] = value
+        elif name in AugmentationConfig.model_fields:
+            merged["augmentation"][name] = value
+        elif name in TrainConfig.model_fields and name not in ("model", "augmentation"):
+            merged[name] = value
+    return TrainConfig.model_validate(merged)
+
+
+def best_hyperparameters_path(config: Config) -> Path:
+    return config.stage_dir("tune") / "best_hyperparameters.json"
+
+
+def resolve_train_settings(config: Config) -> tuple[TrainConfig, str]:
+    """The training settings to use and a phrase saying where they came from."""
+    path = best_hyperparameters_path(config)
+    if config.train.use_tuned_hyperparameters and path.is_file():
+        return apply_hyperparameters(config.train, read_json(path)["values"]), f"tuned ({path})"
+    return config.train, "config (no tuning results used)"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building blocks shared with the tune stage
+# ----------------------------------------------------------------------------------------------------
+def configure_precision(train: TrainConfig) -> None:
+    # Mixed precision pays off on GPUs with tensor cores; on CPU it runs, just without a speed-up.
+    keras.mixed_precision.set_global_policy("mixed_float16" if train.mixed_precision else "float32")
+
+
+def make_optimizer(train: TrainConfig) -> keras.optimizers.Optimizer:
+    if train.optimizer == "adamw":
+        return keras.optimizers.AdamW(learning_rate=train.learning_rate, weight_decay=train.weight_decay)
+    if train.optimizer == "adam":
+        return keras.optimizers.Adam(learning_rate=train.learning_rate)
+    return keras.optimizers.SGD(learning_rate=train.learning_rate, momentum=0.99, nesterov=True)
+
+
+def build_compiled_model(train: TrainConfig, input_shape, class_names: list[str]) -> keras.Model:
+    configure_precision(train)
+    model = models.build_model(train.model, input_shape, len(class_names))
+    compile_model(model, train, class_names)
+    return model
+
+
+def compile_model(model: keras.Model, train: TrainConfig, class_names: list[str]) -> None:
+    model.compile(
+        optimizer=make_optimizer(train),
+        loss=losses.get_loss(train.loss, len(class_names), train.class_weights),
+        metrics=metrics.get_metrics(class_names),
+        steps_per_execution=train.steps_per_execution,
+        jit_compile=False,  # XLA was slower on CPU (3D convolutions 12x); users on GPUs may turn it on.
+    )
+
+
+class TimeBudget(keras.callbacks.Callback):
+    """Stops training cleanly once a wall-clock budget is spent, keeping what was learnt so far."""
+
+    def __init__(self, minutes: Optional[float], already_spent_s: float = 0.0):
+        super().__init__()
+        self.budget_s = None if minutes is None else minutes * 60.0
+        self.already_spent_s = already_spent_s
+        self.started = time.monotonic()
+        self.stopped_early = False
+
+    def elapsed_s(self) -> float:
+        return self.already_spent_s + time.monotonic() - self.started
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.budget_s is not None and self.elapsed_s() >= self.budget_s:
+            self.model.stop_training = True
+            self.stopped_early = True
+
+
+class AtomicCheckpoint(keras.callbacks.Callback):
+    """Saves model and optimizer after every epoch under a temporary name, then renames it into place.
+
+    Keras' ModelCheckpoint writes in place, so an interruption while saving leaves a corrupt file; this
+    one never does, and records the epoch and elapsed time that ``--resume`` continues from.
+    """
+
+    def __init__(self, folder: Path, time_budget: TimeBudget):
+        super().__init__()
+        self.folder = Path(folder)
+        self.time_budget = time_budget
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".last.{os.getpid()}.tmp.keras"
+        self.model.save(tmp)
+        os.replace(tmp, self.folder / "last.keras")
+        write_json_atomic({"epoch": epoch + 1, "elapsed_s": self.time_budget.elapsed_s(), "metrics": logs or {}},
+                          self.folder / "state.json")
+
+
+class EncoderUnfreeze(keras.callbacks.Callback):
+    """Unfreezes a pretrained encoder after its frozen warm-up epochs."""
+
+    def __init__(self, epochs_frozen: int, train: TrainConfig, class_names: list[str]):
+        super().__init__()
+        self.epochs_frozen = epochs_frozen
+        self.train_settings = train
+        self.class_names = class_names
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epochs_frozen:
+            models.set_encoder_trainable(self.model, True)
+            # Changing trainable weights needs a recompile to take effect in the compiled train step.
+            compile_model(self.model, self.train_settings, self.class_names)
+
+
+def save_model_atomic(model: keras.Model, path: Path) -> Path:
+    tmp = Path(path).with_name(f".{Path(path).stem}.{os.getpid()}.tmp.keras")
+    model.save(tmp)
+    os.replace(tmp, path)
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The stage
+# ----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class TrainResult:
+    model_path: Path
+    epochs: int
+    seconds: float
+    images_per_second: float
+    final_metrics: dict
+    settings_source: str
+
+    def __str__(self) -> str:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in self.final_metrics.items() if isinstance(v, float))
+        return (f"Trained {self.epochs} epochs in {self.seconds:.0f} s ({self.images_per_second:.2f} images/s), "
+                f"settings from {self.settings_source}; {shown}\n{self.model_path}")
+
+
+def train_final_model(config: Config, resume: bool = False) -> TrainResult:
+    """Train on the whole training split; see the module docstring for what is written."""
+    manifest = read_manifest(config.preloaded_dir)
+    train_settings, source = resolve_train_settings(config)
+    out_dir = config.stage_dir("train")
+    checkpoint_dir = out_dir / "checkpoints"
+    state_path = checkpoint_dir / "state.json"
+    keras.utils.set_random_seed(config.seed)
+
+    dataset, num_slices = make_dataset(config.preloaded_dir, "train", config.num_classes, train_settings.batch_size,
+                                       augmentation=train_settings.augmentation, shuffle=True, seed=config.seed)
+    input_shape = (*manifest["image_size"], manifest["channels"])
+
+    initial_epoch, spent_s = 0, 0.0
+    if resume and (checkpoint_dir / "last.keras").is_file() and state_path.is_file():
+        state = read_json(state_path)
+        initial_epoch, spent_s = int(state["epoch"]), float(state["elapsed_s"])
+        configure_precision(train_settings)
+        model = keras.models.load_model(checkpoint_dir / "last.keras")
+        print(f"Resuming from epoch {initial_epoch} ({checkpoint_dir / 'last.keras'})")
+    else:
+        if resume:
+            print(f"No checkpoint in {checkpoint_dir}; starting from scratch")
+        if out_dir.exists():
+            for stale in [checkpoint_dir / "last.keras", state_path, out_dir / "history.csv"]:
+                stale.unlink(missing_ok=True)
+        model = build_compiled_model(train_settings, input_shape, config.classes)
+        if train_settings.model.freeze_encoder_epochs > 0:
+            models.set_encoder_trainable(model, False)
+            compile_model(model, train_settings, config.classes)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved_config(config, config.experiment_dir)
+    save_resolved_config(config, out_dir)
+    write_json_atomic({"source": source, "settings": train_settings.model_dump(mode="json")},
+                      out_dir / "hyperparameters.json")
+    # What inference needs to prepare new images exactly as the training slices were prepared.
+    write_json_atomic({**manifest["preprocessing"], "classes": config.classes, "channels": manifest["channels"]},
+                      out_dir / "preprocessing.json")
+
+    time_budget = TimeBudget(train_settings.time_budget_minutes, already_spent_s=spent_s)
+    callbacks = [
+        time_budget,
+        keras.callbacks.CSVLogger(str(out_dir / "history.csv"), append=initial_epoch > 0),
+        keras.callbacks.TensorBoard(log_dir=str(out_dir / "tensorboard"), write_graph=False),
+        AtomicCheckpoint(checkpoint_dir, time_budget),
+    ]
+    if train_settings.model.freeze_encoder_epochs > initial_epoch:
+        callbacks.append(EncoderUnfreeze(train_settings.model.freeze_encoder_epochs, train_settings, config.classes))
+
+    started = time.monotonic()
+    history = model.fit(dataset, epochs=train_settings.epochs, initial_epoch=initial_epoch, callbacks=callbacks,
+                        verbose=2)
+    seconds = time.monotonic() - started
+    epochs_done = len(history.epoch)
+    model_path = save_model_atomic(model, out_dir / "model.keras")
+
+    from segmenter.evaluation.figures import training_curves_figure
+
+    training_curves_figure(out_dir / "history.csv", out_dir / "training_curves.png")
+    final = {name: float(values[-1]) for name, values in history.history.items() if values}
+    return TrainResult(model_path, initial_epoch + epochs_done, seconds,
+                       num_slices * epochs_done / max(seconds, 1e-9), final, source)
