@@ -48,6 +48,8 @@ CONFIG = {
         "unmapped_labels": "error",
         # Keep only slices whose (remapped) mask contains every listed label, e.g. [0, 1, 2]. [] keeps all.
         "require_labels": [],
+        # False drops slices whose mask is all background (e.g. the many empty slices of a 3D volume).
+        "keep_empty_slices": True,
         "normalization": {
             # ct_window: clip to window (HU) then scale to 0..1 (CT); minmax: per image to 0..1;
             # divide_255: 8-bit images to 0..1; zscore: per image to mean 0, sd 1 (MRI);

@@ -48,6 +48,7 @@ class PreloadConfig(_Section):
     label_map: dict[int, int] = Field(default_factory=dict)
     unmapped_labels: Literal["error", "background"] = "error"
     require_labels: list[int] = Field(default_factory=list)
+    keep_empty_slices: bool = True
     normalization: NormalizationConfig = Field(default_factory=NormalizationConfig)
     image_size: tuple[int, int] = (256, 256)
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)

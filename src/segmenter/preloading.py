@@ -147,6 +147,8 @@ def process_pair(pair: CasePair, config: Config) -> list[dict]:
         present = set(np.unique(mask2d).tolist())
         if settings.require_labels and not set(settings.require_labels) <= present:
             continue
+        if not settings.keep_empty_slices and present == {0}:
+            continue
         shape = tuple(settings.image_size)
         raw = resize_image(image2d.astype(np.float32), shape)
         normalised = resize_image(normalize(image2d, settings.normalization), shape)

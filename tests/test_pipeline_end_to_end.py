@@ -1,0 +1,119 @@
+"""All five stages through the command line on a tiny generated CT set, checking every artifact."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from segmenter.dataset import load_split, read_manifest
+from tests.conftest import run_cli, run_stage_module, tiny_ct_config, write_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_ct_dataset, tmp_path_factory):
+    """Run preload, tune, train, predict (test set and --input) and evaluate once for the module."""
+    work = tmp_path_factory.mktemp("run")
+    config_path = write_config(work, tiny_ct_config(tiny_ct_dataset, work))
+    outputs = {}
+    for stage in ("preload", "tune", "train", "predict", "evaluate"):
+        result = run_cli(stage, "--config", str(config_path))
+        assert result.returncode == 0, f"{stage} failed:\n{result.stdout}\n{result.stderr}"
+        outputs[stage] = result.stdout
+    new_images = tiny_ct_dataset / "images"
+    result = run_stage_module("predict", "--config", str(config_path), "--input", str(new_images))
+    assert result.returncode == 0, result.stderr
+    outputs["predict_input"] = result.stdout
+    return work, config_path, outputs
+
+
+def test_preloaded_dataset(finished_run, tiny_ct_dataset):
+    work, _, _ = finished_run
+    preloaded = work / "preloaded" / "tiny_ct"
+    manifest = read_manifest(preloaded)
+    train, test = load_split(preloaded, "train"), load_split(preloaded, "test")
+    assert (preloaded / "train.npz").is_file() and (preloaded / "test.npz").is_file()
+    assert len(train) + len(test) == 12 and len(test) >= 2
+    assert set(train.ids).isdisjoint(test.ids)
+    assert train.images.shape[1:] == (32, 32, 1) and train.images.dtype == np.float32
+    assert 0.0 <= train.images.min() and train.images.max() <= 1.0
+    assert set(np.unique(train.masks)) == {0, 1}
+    assert manifest["classes"] == ["background", "muscle"]
+    assert manifest["config"]["experiment"] == "tiny_ct"
+    sources = {s["source_image"] for split in manifest["splits"].values() for s in split["slices"]}
+    assert sources == {str(p) for p in (tiny_ct_dataset / "images").glob("*.csv")}
+    assert all(len(digest) == 64 for digest in manifest["sources"].values())
+
+
+def test_tune_artifacts(finished_run):
+    work, _, _ = finished_run
+    tune = work / "experiments" / "tiny_ct" / "tune"
+    trials = pd.read_csv(tune / "trials.csv")
+    assert len(trials) == 2
+    assert {"learning_rate", "base_filters", "loss", "val_mean_foreground_dice", "epochs", "seconds"} <= set(trials)
+    best = json.loads((tune / "best_hyperparameters.json").read_text())
+    assert best["direction"] == "max" and 0.0 <= best["score"] <= 1.0
+    assert (tune / "objective_vs_hyperparameters.png").stat().st_size > 1000
+    assert len(list((tune / "tensorboard").iterdir())) == 2  # one log folder per trial
+
+
+def test_train_artifacts(finished_run):
+    work, _, outputs = finished_run
+    train = work / "experiments" / "tiny_ct" / "train"
+    for name in ("model.keras", "checkpoints/last.keras", "history.csv", "training_curves.png",
+                 "preprocessing.json", "config.resolved.json", "hyperparameters.json"):
+        assert (train / name).is_file(), name
+    assert len(pd.read_csv(train / "history.csv")) == 2
+    assert any((train / "tensorboard").rglob("events.out.tfevents*"))
+    assert json.loads((train / "hyperparameters.json").read_text())["source"].startswith("tuned")
+    assert (work / "experiments" / "tiny_ct" / "config.resolved.json").is_file()
+
+
+def test_predictions(finished_run, tiny_ct_dataset):
+    work, _, _ = finished_run
+    test = load_split(work / "preloaded" / "tiny_ct", "test")
+    predict_dir = work / "experiments" / "tiny_ct" / "predict"
+    for slice_id in test.ids:
+        mask = np.load(predict_dir / "test" / f"{slice_id}.npy")
+        assert mask.shape == (32, 32) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+    # --input: one mask per input file, under the input's name, at the input's own size.
+    outputs = sorted(p.name for p in (predict_dir / "images").glob("*.csv"))
+    assert outputs == sorted(p.name for p in (tiny_ct_dataset / "images").glob("*.csv"))
+    mask = np.loadtxt(predict_dir / "images" / outputs[0], delimiter=",")
+    assert mask.shape == (64, 64) and set(np.unique(mask)) <= {0, 1}
+
+
+def test_evaluation(finished_run):
+    work, _, outputs = finished_run
+    evaluate = work / "experiments" / "tiny_ct" / "evaluate"
+    test = load_split(work / "preloaded" / "tiny_ct", "test")
+    metrics = pd.read_csv(evaluate / "metrics.csv")
+    assert len(metrics) == len(test)  # one row per image and foreground class
+    assert list(metrics.columns[:8]) == ["image_id", "class", "dice", "iou", "hd", "hd95", "assd", "nsd"]
+    assert metrics.dice.between(0, 1).all()
+    summary = json.loads((evaluate / "summary.json").read_text())
+    assert summary["n_images"] == len(test)
+    assert set(summary["classes"]) == {"muscle"}
+    assert {"dice_mean", "hd95_mean", "assd_mean"} <= set(summary["classes"]["muscle"])
+    report = evaluate / "report.html"
+    assert report.stat().st_size > 10_000
+    assert outputs["evaluate"].strip().splitlines()[-1] == str(report)
+    assert len(list((evaluate / "figures").glob("compare_muscle_*.png"))) == 3
+
+
+def test_preload_again_is_up_to_date(finished_run):
+    _, config_path, _ = finished_run
+    result = run_cli("preload", "--config", str(config_path))
+    assert result.returncode == 0 and "up to date" in result.stdout
+
+
+def test_train_resume_continues_from_checkpoint(finished_run):
+    work, config_path, _ = finished_run
+    result = run_cli("train", "--config", str(config_path), "--resume", "--set", "train.epochs=3")
+    assert result.returncode == 0, result.stderr
+    assert "Resuming from epoch 2" in result.stdout
+    history = pd.read_csv(work / "experiments" / "tiny_ct" / "train" / "history.csv")
+    assert history.epoch.tolist() == [0, 1, 2]
