@@ -80,7 +80,7 @@ def _draw_figures(folder: Path, test: SliceSet, preds: np.ndarray, table: pd.Dat
     sections["Best, median and worst cases"] = comparisons
     sections["All test cases"] = [(figures.case_grid_figure(list(display), list(test.masks), list(preds),
                                                             list(test.ids), folder / "all_cases.png", window),
-                                   "Every test case: agreement (green), missed (blue) and extra (red) pixels")]
+                                   "Every test case: agreement (green), missed (vermilion) and extra (yellow) pixels")]
     sections["Metric distributions"] = [
         (figures.distribution_figure(table, metric, folder / f"distribution_{metric}.png",
                                      unit=unit if metric in ("hd", "hd95", "assd") else None), f"{metric} per class")
