@@ -61,6 +61,9 @@ CONFIG = {
         # Every slice is resized to this (rows, columns): images linearly, masks nearest-neighbour.
         # Both must be divisible by 2**train.model.depth.
         "image_size": [256, 256],
+        # Pixel spacing (row, column) in mm of 2D files whose format carries none (CSV, PNG, NPY), so
+        # evaluate can report mm and cm²; None: distances in pixels. DICOM and NIfTI use their headers.
+        "pixel_spacing": None,
         # Share of slices (rounded to whole folds of patients/volumes) held out as the test set.
         "test_fraction": 0.2,
         # Axis along which 3D volumes are cut into 2D slices (2 = axial for RAS-oriented NIfTI).

@@ -51,6 +51,7 @@ class PreloadConfig(_Section):
     keep_empty_slices: bool = True
     normalization: NormalizationConfig = Field(default_factory=NormalizationConfig)
     image_size: tuple[int, int] = (256, 256)
+    pixel_spacing: Optional[tuple[float, float]] = None
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     slice_axis: int = Field(2, ge=0, le=2)
     workers: int = Field(2, ge=1)

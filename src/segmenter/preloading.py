@@ -140,6 +140,8 @@ def process_pair(pair: CasePair, config: Config) -> list[dict]:
     if image.array.shape != mask.array.shape:
         raise InputError(pair.mask_path, f"mask shape {mask.array.shape} differs from image shape "
                                          f"{image.array.shape} ({pair.image_path.name})")
+    if image.spacing is None and settings.pixel_spacing is not None and image.array.ndim == 2:
+        image = dataclasses.replace(image, spacing=tuple(settings.pixel_spacing))
     labels = remap_labels(mask.array, settings.label_map, settings.unmapped_labels, config.num_classes, pair.mask_path)
     mask = dataclasses.replace(mask, array=labels)
     records = []
