@@ -1,0 +1,16 @@
+"""Segmentation architectures: ``build_model(settings, input_shape, num_classes)`` and the registry behind it."""
+from segmenter.models.factory import (
+    ARCHITECTURES,
+    ENCODER_PREFIX,
+    PRETRAINED_ENCODER_ARCHITECTURES,
+    build_model,
+    set_encoder_trainable,
+)
+
+__all__ = [
+    "ARCHITECTURES",
+    "ENCODER_PREFIX",
+    "PRETRAINED_ENCODER_ARCHITECTURES",
+    "build_model",
+    "set_encoder_trainable",
+]

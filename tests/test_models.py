@@ -1,0 +1,311 @@
+"""Architectures: output shapes, saving and loading in a fresh process, encoder weights, freezing, training.
+
+Models are kept tiny (32x32 or 64x64 images, few filters) so that the file runs in well under a minute
+on two CPU cores. No test downloads anything: encoder weights come from files the tests write.
+"""
+import json
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+from segmenter.config import ModelConfig
+from segmenter.losses import get_loss
+from segmenter.metrics import get_metrics
+from segmenter.models import ARCHITECTURES, backbones, build_model, set_encoder_trainable
+
+# (case id, settings, image size): small enough to be fast, deep enough to exercise every level.
+SMALL_MODELS = [
+    ("unet", {"architecture": "unet", "depth": 2, "base_filters": 4}, 32),
+    ("attention_unet", {"architecture": "attention_unet", "depth": 2, "base_filters": 4}, 32),
+    ("residual_unet", {"architecture": "residual_unet", "depth": 2, "base_filters": 4, "dropout": 0.3}, 32),
+    ("mobilenetv2_unet", {"architecture": "mobilenetv2_unet", "depth": 4, "base_filters": 4}, 64),
+    ("deeplabv3plus_mobilenetv2", {"architecture": "deeplabv3plus", "base_filters": 2, "backbone": "mobilenetv2"}, 64),
+    ("deeplabv3plus_resnet50", {"architecture": "deeplabv3plus", "base_filters": 2, "backbone": "resnet50"}, 64),
+]
+NUM_CLASSES = 3
+
+
+def random_images(size, channels=1, count=2, seed=0):
+    return np.random.default_rng(seed).uniform(0, 1, (count, size, size, channels)).astype("float32")
+
+
+def test_every_architecture_has_a_case():
+    assert {settings["architecture"] for _, settings, _ in SMALL_MODELS} == set(ARCHITECTURES)
+
+
+@pytest.mark.parametrize("case, settings, size", SMALL_MODELS, ids=[case for case, _, _ in SMALL_MODELS])
+def test_output_is_a_probability_map(case, settings, size):
+    model = build_model(settings, (size, size, 1), NUM_CLASSES)
+    probabilities = model.predict(random_images(size), verbose=0)
+    assert probabilities.shape == (2, size, size, NUM_CLASSES)
+    assert probabilities.dtype == np.float32
+    assert np.all(probabilities >= 0)
+    np.testing.assert_allclose(probabilities.sum(axis=-1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "settings, size",
+    [
+        ({"architecture": "unet", "normalization": "batch", "upsampling": "resize"}, 32),
+        ({"architecture": "residual_unet", "normalization": "instance"}, 32),
+        ({"architecture": "attention_unet", "normalization": "none", "dropout": 0.5}, 32),
+        ({"architecture": "mobilenetv2_unet", "upsampling": "resize", "normalization": "group", "depth": 5}, 64),
+        ({"architecture": "deeplabv3plus", "normalization": "instance", "dropout": 0.1}, 32),
+    ],
+)
+def test_settings_variants_build(settings, size):
+    model = build_model({"depth": 2, "base_filters": 4, **settings}, (size, size, 3), 2)
+    assert model.output_shape == (None, size, size, 2)
+
+
+def test_accepts_a_pydantic_config_and_applies_defaults():
+    model = build_model(ModelConfig(depth=2, base_filters=4), (32, 32, 1), 2)
+    assert model.name == "unet"
+    # The default normalisation is group normalisation with 8 groups when the channels allow it, and
+    # a divisor of the channels otherwise (4 filters -> 4 groups).
+    groups = {layer.name: layer.groups for layer in model.layers if isinstance(layer, keras.layers.GroupNormalization)}
+    assert groups["encoder_0_1_norm"] == 4
+    assert groups["encoder_1_1_norm"] == 8
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
+
+
+def test_default_unet_is_four_levels_of_doubling_filters():
+    model = build_model({}, (256, 256, 1), 2)
+    widths = [model.get_layer(f"encoder_{level}_1_conv").filters for level in range(4)]
+    assert widths == [16, 32, 64, 128]
+    assert model.get_layer("bottleneck_1_conv").filters == 256
+    assert model.get_layer("bottleneck_1_conv").kernel_initializer.__class__.__name__ == "HeNormal"
+
+
+def test_normalization_choices():
+    def normalization_layers(normalization):
+        model = build_model({"depth": 1, "base_filters": 16, "normalization": normalization}, (32, 32, 1), 2)
+        return [layer for layer in model.layers if layer.name.endswith("_norm")]
+
+    # Instance normalisation is one group per channel (GroupNormalization resolves groups=-1 when built).
+    instance = normalization_layers("instance")
+    assert all(layer.groups == layer.input.shape[-1] for layer in instance)
+    assert {layer.groups for layer in instance} == {16, 32}
+    assert all(layer.groups == 8 for layer in normalization_layers("group"))
+    assert all(isinstance(layer, keras.layers.BatchNormalization) for layer in normalization_layers("batch"))
+    assert all(isinstance(layer, keras.layers.Identity) for layer in normalization_layers("none"))
+
+
+@pytest.mark.parametrize(
+    "settings, input_shape, message",
+    [
+        ({"architecture": "unet", "depth": 3}, (36, 36, 1), "divisible by 8"),
+        ({"architecture": "residual_unet", "depth": 2}, (32, 30, 1), "divisible by 4"),
+        ({"architecture": "mobilenetv2_unet", "depth": 4}, (72, 72, 1), "divisible by 16"),
+        ({"architecture": "mobilenetv2_unet", "depth": 6}, (128, 128, 1), "depth 1 to 5"),
+        ({"architecture": "mobilenetv2_unet", "depth": 2}, (16, 16, 1), "at least 32x32"),
+        ({"architecture": "deeplabv3plus", "depth": 2}, (40, 40, 1), "divisible by 16"),
+        ({"architecture": "unet"}, (32, 32), "height, width, channels"),
+    ],
+)
+def test_bad_input_shapes_raise_value_error(settings, input_shape, message):
+    with pytest.raises(ValueError, match=message):
+        build_model(settings, input_shape, 2)
+
+
+def test_bad_settings_raise_value_error():
+    with pytest.raises(ValueError, match="architecture"):
+        build_model({"architecture": "segnet"}, (32, 32, 1), 2)
+    with pytest.raises(ValueError, match="base_filter"):
+        build_model({"base_filter": 8}, (32, 32, 1), 2)
+    with pytest.raises(ValueError, match="num_classes"):
+        build_model({}, (32, 32, 1), 1)
+
+
+def test_output_is_float32_under_mixed_precision():
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        model = build_model({"depth": 2, "base_filters": 4}, (32, 32, 1), 2)
+        assert model.get_layer("logits").compute_dtype == "float16"
+        assert model.output.dtype == "float32"
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+LOAD_IN_FRESH_PROCESS = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import keras
+    import segmenter.losses, segmenter.metrics, segmenter.models
+
+    folder = sys.argv[1]
+    cases = json.loads(open(f"{folder}/cases.json").read())
+    report = {}
+    for case, size in cases.items():
+        model = keras.models.load_model(f"{folder}/{case}.keras")
+        images = np.load(f"{folder}/{case}_images.npy")
+        np.save(f"{folder}/{case}_loaded.npy", model.predict(images, verbose=0))
+        report[case] = {
+            "loss": type(model.loss).__name__,
+            "metrics": model.evaluate(images, np.load(f"{folder}/{case}_truth.npy"), verbose=0, return_dict=True),
+        }
+    print(json.dumps(report))
+    """
+)
+
+
+def test_every_architecture_saves_and_loads_in_a_fresh_process(tmp_path):
+    cases = {}
+    for case, settings, size in SMALL_MODELS:
+        model = build_model(settings, (size, size, 1), NUM_CLASSES)
+        model.compile(
+            optimizer="adam",
+            loss=get_loss("dice_ce", NUM_CLASSES, [0.5, 1.0, 1.0]),
+            metrics=get_metrics(["background", "disc", "vertebra"]),
+        )
+        images = random_images(size, seed=len(cases))
+        truth = np.eye(NUM_CLASSES, dtype="float32")[np.random.default_rng(1).integers(0, NUM_CLASSES, (2, size, size))]
+        np.save(tmp_path / f"{case}_images.npy", images)
+        np.save(tmp_path / f"{case}_truth.npy", truth)
+        np.save(tmp_path / f"{case}_expected.npy", model.predict(images, verbose=0))
+        model.save(tmp_path / f"{case}.keras")
+        cases[case] = size
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_IN_FRESH_PROCESS, str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+
+    for case in cases:
+        np.testing.assert_allclose(
+            np.load(tmp_path / f"{case}_loaded.npy"), np.load(tmp_path / f"{case}_expected.npy"), atol=1e-6, err_msg=case
+        )
+        assert report[case]["loss"] == "DiceCrossEntropyLoss"
+        assert {"loss", "mean_foreground_dice", "dice_disc", "dice_vertebra"} <= set(report[case]["metrics"])
+
+
+@pytest.mark.parametrize(
+    "settings, backbone_name, layer_name",
+    [
+        ({"architecture": "mobilenetv2_unet", "depth": 3}, "mobilenetv2", "block_2_expand"),
+        ({"architecture": "deeplabv3plus", "backbone": "resnet50"}, "resnet50", "conv2_block1_1_conv"),
+    ],
+)
+def test_encoder_weights_load_from_a_local_file(tmp_path, settings, backbone_name, layer_name):
+    keras.utils.set_random_seed(1)
+    source = backbones.build_backbone(backbone_name, (64, 64), encoder_weights=None)
+    weights_file = tmp_path / "encoder.weights.h5"
+    source.save_weights(weights_file)
+    expected = source.get_layer(layer_name).get_weights()
+
+    # The file is used at another image size: convolution weights do not depend on it.
+    settings = {**settings, "base_filters": 2}
+    loaded = build_model({**settings, "encoder_weights": str(weights_file)}, (128, 128, 1), 2)
+    random = build_model(settings, (128, 128, 1), 2)
+    loaded_weights = loaded.get_layer("encoder").get_layer(layer_name).get_weights()
+    random_weights = random.get_layer("encoder").get_layer(layer_name).get_weights()
+    for want, got in zip(expected, loaded_weights):
+        np.testing.assert_array_equal(got, want)
+    # The kernel of a randomly initialised encoder differs (biases start at zero in both).
+    assert not np.array_equal(random_weights[0], expected[0])
+
+    with pytest.raises(ValueError, match="neither"):
+        build_model({**settings, "encoder_weights": str(tmp_path / "missing.weights.h5")}, (64, 64, 1), 2)
+
+
+def test_imagenet_weights_are_requested_from_keras_applications(monkeypatch):
+    # Downloading is not allowed in tests: record what the constructor is asked for, build without weights.
+    requested = []
+    real = backbones.BACKBONES["mobilenetv2"]
+
+    def recording_constructor(**kwargs):
+        requested.append(kwargs["weights"])
+        return real.constructor(**{**kwargs, "weights": None})
+
+    fake = backbones.Backbone(**{**real.__dict__, "constructor": recording_constructor})
+    monkeypatch.setitem(backbones.BACKBONES, "mobilenetv2", fake)
+    build_model({"architecture": "mobilenetv2_unet", "depth": 2, "encoder_weights": "imagenet"}, (64, 64, 1), 2)
+    build_model({"architecture": "deeplabv3plus", "base_filters": 2}, (64, 64, 1), 2)
+    assert requested == ["imagenet", None]
+
+
+def test_grey_input_is_replicated_and_rescaled_for_the_backbone():
+    model = build_model({"architecture": "mobilenetv2_unet", "depth": 2, "base_filters": 2}, (64, 64, 1), 2)
+    preprocess = keras.Model(model.input, model.get_layer("backbone_preprocessing").output)
+    rgb = preprocess.predict(np.full((1, 64, 64, 1), 0.25, "float32"), verbose=0)
+    # MobileNetV2 expects [-1, 1]: 0.25 -> -0.5 in each of three channels.
+    assert rgb.shape == (1, 64, 64, 3)
+    np.testing.assert_allclose(rgb, -0.5)
+
+
+@pytest.mark.parametrize(
+    "settings, size",
+    [
+        ({"architecture": "unet", "depth": 2, "base_filters": 4, "normalization": "batch"}, 32),
+        ({"architecture": "mobilenetv2_unet", "depth": 2, "base_filters": 4}, 64),
+    ],
+)
+def test_frozen_encoder_does_not_change_while_the_decoder_trains(settings, size):
+    keras.utils.set_random_seed(2)
+    model = build_model(settings, (size, size, 1), 2)
+    encoder_layers = [layer for layer in model.layers if layer.name.startswith("encoder")]
+    # The convolution that makes the logits, just before the softmax.
+    decoder_layer = model.layers[-2]
+
+    assert set_encoder_trainable(model, False) == len(encoder_layers)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=get_loss("dice_ce", 2))
+    encoder_before = [weight.copy() for layer in encoder_layers for weight in layer.get_weights()]
+    decoder_before = [weight.copy() for weight in decoder_layer.get_weights()]
+    images = random_images(size, count=4)
+    masks = np.eye(2, dtype="float32")[(images[..., 0] > 0.5).astype(int)]
+    model.fit(images, masks, batch_size=2, epochs=1, verbose=0)
+
+    encoder_after = [weight for layer in encoder_layers for weight in layer.get_weights()]
+    # Non-trainable weights (batch-normalisation statistics) must not move either.
+    for before, after in zip(encoder_before, encoder_after):
+        np.testing.assert_array_equal(before, after)
+    assert any(not np.array_equal(b, a) for b, a in zip(decoder_before, decoder_layer.get_weights()))
+
+    set_encoder_trainable(model, True)
+    assert all(layer.trainable for layer in encoder_layers)
+
+
+def test_set_encoder_trainable_needs_an_encoder():
+    inputs = keras.Input((8, 8, 1))
+    with pytest.raises(ValueError, match="encoder"):
+        set_encoder_trainable(keras.Model(inputs, keras.layers.Conv2D(2, 1)(inputs)), False)
+
+
+def squares_dataset(count, size, rng):
+    """Images with one bright noisy square each; the mask marks the square."""
+    images = rng.normal(0.2, 0.05, (count, size, size, 1)).astype("float32")
+    labels = np.zeros((count, size, size), dtype=int)
+    for index in range(count):
+        side = rng.integers(6, 14)
+        row, column = rng.integers(0, size - side, 2)
+        images[index, row : row + side, column : column + side] += 0.6
+        labels[index, row : row + side, column : column + side] = 1
+    return images, np.eye(2, dtype="float32")[labels]
+
+
+def test_tiny_unet_learns_squares():
+    keras.utils.set_random_seed(3)
+    rng = np.random.default_rng(3)
+    images, masks = squares_dataset(32, 32, rng)
+    model = build_model({"depth": 2, "base_filters": 8}, (32, 32, 1), 2)
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=get_loss("dice_ce", 2),
+        metrics=get_metrics(["background", "square"]),
+    )
+    before = model.evaluate(images, masks, batch_size=8, verbose=0, return_dict=True)
+    history = model.fit(images, masks, batch_size=4, epochs=4, verbose=0, validation_data=(images[:8], masks[:8]))
+    after = model.evaluate(images, masks, batch_size=8, verbose=0, return_dict=True)
+
+    assert {"val_mean_foreground_dice", "val_dice_square"} <= set(history.history)
+    assert after["loss"] < 0.5 * before["loss"]
+    assert after["mean_foreground_dice"] > 0.8
+    assert after["dice_square"] == pytest.approx(after["mean_foreground_dice"])
