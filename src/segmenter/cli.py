@@ -57,7 +57,7 @@ def run_stage(body: Callable[[], object]) -> int:
 
 def quiet_tensorflow() -> None:
     """Keep TensorFlow's C++ start-up chatter (CUDA probing on CPU machines) out of the user's terminal."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def segmenter_main(argv: Optional[Sequence[str]] = None) -> int:

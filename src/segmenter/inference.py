@@ -96,7 +96,7 @@ def predict_folder(config: Config, input_dir: Path, output_dir: Optional[Path] =
     model, preprocessing = load_trained_model(config)
     output_dir = Path(output_dir) if output_dir else config.stage_dir("predict") / input_dir.name
     with atomic_directory(output_dir) as tmp_dir:
-        for case_id, path in tqdm(sorted(cases.items()), unit="image", desc="predict"):
+        for case_id, path in tqdm(sorted(cases.items()), unit="image", desc="predict", disable=None):
             image = io.read_image(path)
             if image.array.ndim not in (2, 3):
                 raise InputError(path, f"expected a 2D image or 3D volume, got shape {image.array.shape}")

@@ -212,7 +212,8 @@ def _hash_sources(pairs: list[CasePair]) -> dict:
 # ----------------------------------------------------------------------------------------------------
 def _run_workers(pairs: list[CasePair], config: Config):
     jobs = [(pair, config.model_dump_json()) for pair in pairs]
-    progress = dict(total=len(jobs), unit="file", desc="preload", mininterval=1.0)
+    # disable=None: a bar on a terminal, none in logs and pipes.
+    progress = dict(total=len(jobs), unit="file", desc="preload", mininterval=1.0, disable=None)
     if config.preload.workers == 1 or len(jobs) == 1:
         yield from tqdm(map(_worker, jobs), **progress)
         return

@@ -230,7 +230,7 @@ def train_final_model(config: Config, resume: bool = False) -> TrainResult:
 
     started = time.monotonic()
     history = model.fit(dataset, epochs=train_settings.epochs, initial_epoch=initial_epoch, callbacks=callbacks,
-                        verbose=2)
+                        shuffle=False, verbose=2)  # The dataset shuffles itself.
     seconds = time.monotonic() - started
     epochs_done = len(history.epoch)
     model_path = save_model_atomic(model, out_dir / "model.keras")

@@ -85,7 +85,7 @@ class SegmentationHyperModel(kt.HyperModel):
                                      subset=self.train_indices)
         validation_data, _ = make_dataset(config.preloaded_dir, "train", config.num_classes, settings.batch_size,
                                           subset=self.validation_indices)
-        return model.fit(train_data, validation_data=validation_data, verbose=2, **kwargs)
+        return model.fit(train_data, validation_data=validation_data, shuffle=False, verbose=2, **kwargs)
 
 
 def _tuner_class(name: str):
