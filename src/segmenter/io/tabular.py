@@ -1,0 +1,82 @@
+"""CSV files: one 2D array, one row of the file per array row.
+
+The delimiter (comma, semicolon or tab) is taken from the first non-blank line: the candidate that
+occurs most often there; a line with none of them is a single column. A first row that is not all
+numbers is a header and is skipped. Blank lines are ignored. Every other cell must be a number.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from segmenter.errors import InputError
+from segmenter.io.image import LoadedImage
+
+DELIMITERS = (",", ";", "\t")
+_DELIMITER_NAMES = {",": "comma", ";": "semicolon", "\t": "tab"}
+
+
+def sniff_delimiter(line: str) -> str:
+    """The delimiter among comma, semicolon and tab occurring most often in ``line`` (comma if none)."""
+    counts = {delimiter: line.count(delimiter) for delimiter in DELIMITERS}
+    best = max(DELIMITERS, key=lambda delimiter: counts[delimiter])
+    return best if counts[best] > 0 else ","
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def read_csv(path: Path) -> LoadedImage:
+    """Read a CSV file of numbers into a 2D float64 array (rows, cols); no spacing, no affine.
+
+    Raises InputError (one line naming the file) for an unreadable or empty file, a header without data,
+    rows of different lengths (naming the line) and non-numeric cells (naming line and column).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(path, f"cannot read CSV file: {error}") from error
+    numbered_lines = [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    if not numbered_lines:
+        raise InputError(path, "CSV file is empty")
+    delimiter = sniff_delimiter(numbered_lines[0][1])
+    rows = [
+        (number, [cell.strip() for cell in next(csv.reader([line], delimiter=delimiter))])
+        for number, line in numbered_lines
+    ]
+    if not all(_is_number(cell) for cell in rows[0][1]):
+        rows = rows[1:]  # a header row
+        if not rows:
+            raise InputError(path, "CSV file has a header row but no data rows")
+    width = len(rows[0][1])
+    values = np.empty((len(rows), width), dtype=np.float64)
+    for row_index, (line_number, cells) in enumerate(rows):
+        if len(cells) != width:
+            raise InputError(
+                path,
+                f"line {line_number} has {len(cells)} values, expected {width} like line {rows[0][0]} "
+                f"({_DELIMITER_NAMES[delimiter]}-separated)",
+            )
+        for column_index, cell in enumerate(cells):
+            try:
+                values[row_index, column_index] = float(cell)
+            except ValueError:
+                raise InputError(
+                    path, f"line {line_number}, column {column_index + 1}: {cell!r} is not a number"
+                ) from None
+    return LoadedImage(values, None, None, path)
+
+
+def write_csv(array: np.ndarray, path: Path) -> None:
+    """Write a 2D integer array as comma-separated integers without a header (``path`` is written as given)."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerows(np.asarray(array).astype(np.int64).tolist())
