@@ -23,7 +23,7 @@ import keras
 import tensorflow as tf
 
 from segmenter import losses, metrics, models
-from segmenter.artifacts import read_json, save_resolved_config, write_json_atomic
+from segmenter.artifacts import read_json, save_resolved_config, write_json_atomic, write_text_atomic
 from segmenter.config import AugmentationConfig, Config, ModelConfig, TrainConfig
 from segmenter.data_pipeline import make_dataset
 from segmenter.dataset import read_manifest
@@ -153,6 +153,16 @@ class EncoderUnfreeze(keras.callbacks.Callback):
             compile_model(self.model, self.train_settings, self.class_names)
 
 
+def _drop_history_after(history_csv: Path, epoch: int) -> None:
+    """Forget history rows of epochs the checkpoint does not include (an interruption while saving)."""
+    if history_csv.is_file():
+        import pandas as pd
+
+        history = pd.read_csv(history_csv)
+        if (history.epoch >= epoch).any():
+            write_text_atomic(history[history.epoch < epoch].to_csv(index=False), history_csv)
+
+
 def save_model_atomic(model: keras.Model, path: Path) -> Path:
     tmp = Path(path).with_name(f".{Path(path).stem}.{os.getpid()}.tmp.keras")
     model.save(tmp)
@@ -197,6 +207,7 @@ def train_final_model(config: Config, resume: bool = False) -> TrainResult:
         initial_epoch, spent_s = int(state["epoch"]), float(state["elapsed_s"])
         configure_precision(train_settings)
         model = keras.models.load_model(checkpoint_dir / "last.keras")
+        _drop_history_after(out_dir / "history.csv", initial_epoch)
         print(f"Resuming from epoch {initial_epoch} ({checkpoint_dir / 'last.keras'})")
     else:
         if resume:

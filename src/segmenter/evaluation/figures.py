@@ -45,7 +45,7 @@ MAX_GRID_CASES = 48
 
 
 def comparison_figure(
-    image2d: np.ndarray,
+    image2d: Optional[np.ndarray],
     truth_label_map: np.ndarray,
     pred_label_map: np.ndarray,
     class_id: int,
@@ -60,8 +60,9 @@ def comparison_figure(
 
     Parameters
     ----------
-    image2d : ndarray, shape (row, column) or (row, column, channel)
-        The slice; of several channels the first is shown.
+    image2d : ndarray, shape (row, column) or (row, column, channel), or None
+        The slice; of several channels the first is shown. None (masks without their image, as when
+        scoring two folders of masks) leaves out the image panel and draws the overlay on black.
     truth_label_map, pred_label_map : ndarray of int, shape (row, column)
         Class indices.
     class_id, class_name : int, str
@@ -80,29 +81,32 @@ def comparison_figure(
     -------
     path : Path
     """
-    image = _as_2d_image(image2d)
     truth = np.asarray(truth_label_map) == class_id
     pred = np.asarray(pred_label_map) == class_id
+    has_image = image2d is not None
+    image = _as_2d_image(image2d) if has_image else np.zeros(truth.shape)
     if truth.shape != image.shape or pred.shape != image.shape:
         raise ValueError(f"image {image.shape} and masks {truth.shape}, {pred.shape} differ in shape")
     spacing = known_spacing(spacing)
     unit = "px" if spacing is None else "mm"
     # The tolerance does not matter here: only Dice and HD95 are shown.
     metrics = segmentation_metrics(truth, pred, spacing, nsd_tolerance=1.0)
-    low, high = _window(image, display_window)
+    low, high = _window(image, display_window) if has_image else (0.0, 1.0)
 
-    figure = Figure(figsize=(13, 3.9))
-    axes = figure.subplots(1, 4)
-    axes[0].imshow(image, cmap="gray", vmin=low, vmax=high)
-    axes[0].set_title(f"Image (window {low:.4g} to {high:.4g})")
-    axes[1].imshow(truth, cmap="gray", vmin=0, vmax=1)
-    axes[1].set_title(f"True {class_name}")
-    axes[2].imshow(pred, cmap="gray", vmin=0, vmax=1)
-    axes[2].set_title(f"Predicted {class_name}")
-    axes[3].imshow(image, cmap="gray", vmin=low, vmax=high)
-    axes[3].imshow(_overlay_codes(truth, pred), cmap=_OVERLAY_CMAP, vmin=0, vmax=3, alpha=0.6,
-                   interpolation="nearest")
-    axes[3].set_title("Overlay")
+    figure = Figure(figsize=(13, 3.9) if has_image else (10, 3.9))
+    axes = list(figure.subplots(1, 4 if has_image else 3))
+    if has_image:
+        axes[0].imshow(image, cmap="gray", vmin=low, vmax=high)
+        axes[0].set_title(f"Image (window {low:.4g} to {high:.4g})")
+    true_axis, pred_axis, overlay_axis = axes[-3:]
+    true_axis.imshow(truth, cmap="gray", vmin=0, vmax=1)
+    true_axis.set_title(f"True {class_name}")
+    pred_axis.imshow(pred, cmap="gray", vmin=0, vmax=1)
+    pred_axis.set_title(f"Predicted {class_name}")
+    overlay_axis.imshow(image, cmap="gray", vmin=low, vmax=high)
+    overlay_axis.imshow(_overlay_codes(truth, pred), cmap=_OVERLAY_CMAP, vmin=0, vmax=3,
+                        alpha=0.6 if has_image else 1.0, interpolation="nearest")
+    overlay_axis.set_title("Overlay")
     figure.legend(handles=_OVERLAY_LEGEND, loc="lower center", ncol=3, fontsize=9, frameon=False)
     for axis in axes:
         axis.set_axis_off()
@@ -137,7 +141,7 @@ def select_cases(table: pd.DataFrame, class_name: str) -> dict[str, str]:
 
 
 def case_grid_figure(
-    images: Sequence[np.ndarray],
+    images: Optional[Sequence[np.ndarray]],
     truths: Sequence[np.ndarray],
     preds: Sequence[np.ndarray],
     ids: Sequence[str],
@@ -156,6 +160,7 @@ def case_grid_figure(
     Parameters
     ----------
     images, truths, preds : sequences of ndarray, shape (row, column) [, channel]
+        ``images`` may be None (masks without their images): overlays are then drawn on black.
     ids : sequence of str
     path : Path
     display_window : (float, float) or None
@@ -163,7 +168,8 @@ def case_grid_figure(
     max_cases : int
     """
     total = len(ids)
-    if not (len(images) == len(truths) == len(preds) == total) or total == 0:
+    has_images = images is not None
+    if not ((len(images) if has_images else total) == len(truths) == len(preds) == total) or total == 0:
         raise ValueError("images, truths, preds and ids must be non-empty and of equal length")
     shown = np.unique(np.linspace(0, total - 1, min(total, max_cases)).round().astype(int))
     columns = min(8, len(shown))
@@ -173,16 +179,17 @@ def case_grid_figure(
     for axis in axes:
         axis.set_axis_off()
     for axis, index in zip(axes, shown):
-        image = _as_2d_image(images[index])
         truth = np.asarray(truths[index])
         pred = np.asarray(preds[index])
-        low, high = _window(image, display_window)
+        image = _as_2d_image(images[index]) if has_images else np.zeros(truth.shape)
+        low, high = _window(image, display_window) if has_images else (0.0, 1.0)
         axis.imshow(image, cmap="gray", vmin=low, vmax=high)
         agree = (truth > 0) & (truth == pred)
         missed = (truth > 0) & (truth != pred)
         extra = (pred > 0) & (truth == 0)
         codes = np.select([agree, missed, extra], [1, 2, 3], default=0)
-        axis.imshow(codes, cmap=_OVERLAY_CMAP, vmin=0, vmax=3, alpha=0.6, interpolation="nearest")
+        axis.imshow(codes, cmap=_OVERLAY_CMAP, vmin=0, vmax=3, alpha=0.6 if has_images else 1.0,
+                    interpolation="nearest")
         denominator = np.count_nonzero(truth > 0) + np.count_nonzero(pred > 0)
         dice = 1.0 if denominator == 0 else 2.0 * np.count_nonzero(agree) / denominator
         axis.set_title(f"{_shorten(str(ids[index]))}\nDice {dice:.3f}", fontsize=7)
@@ -304,7 +311,8 @@ def training_curves_figure(history_csv_path: Path, path: Path) -> Path:
     Epochs are numbered from 1, as Keras prints them (the CSV's ``epoch`` column counts from 0). The epoch
     with the lowest validation loss, when logged, is marked with a dotted line.
     """
-    history = pd.read_csv(history_csv_path)
+    # Keras' CSVLogger adds empty val_* columns when training had no validation data: drop them.
+    history = pd.read_csv(history_csv_path).dropna(axis="columns", how="all")
     if history.empty or "loss" not in history.columns:
         raise ValueError(f"{history_csv_path}: no 'loss' column or no rows in the training log")
     epochs = history["epoch"] + 1 if "epoch" in history.columns else pd.Series(np.arange(1, len(history) + 1))
@@ -414,3 +422,44 @@ def _fmt(value: float, digits: int) -> str:
 
 def _shorten(text: str, limit: int = 22) -> str:
     return text if len(text) <= limit else "…" + text[-(limit - 1):]
+
+
+def paired_metric_figure(values: pd.DataFrame, metric: str, path: Path, *, title: str,
+                         unit: Optional[str] = None) -> Path:
+    """Paired plot of one metric across runs: a line joins each image's values, runs side by side.
+
+    Parameters
+    ----------
+    values : pandas.DataFrame
+        One row per image (the index names it) and one column per run, in display order; rows with a
+        missing value are drawn only between the runs that have one.
+    metric : str
+        Metric column the values come from (for the axis label), e.g. ``"dice"``.
+    path : Path
+    title : str
+    unit : str or None
+        Unit of the metric, if any.
+    """
+    if values.shape[1] < 2:
+        raise ValueError("a paired plot needs at least two runs (columns)")
+    runs = [str(column) for column in values.columns]
+    positions = np.arange(len(runs))
+    figure = Figure(figsize=(max(4.5, 1.8 * len(runs) + 2), 4.6))
+    axis = figure.subplots()
+    data = values.to_numpy(dtype=np.float64)
+    for row in data:
+        defined = ~np.isnan(row)
+        axis.plot(positions[defined], row[defined], color="#7f8c99", alpha=0.45, linewidth=0.9, marker="o",
+                  markersize=3, markerfacecolor="#0b3c5d", markeredgewidth=0)
+    medians = [np.nanmedian(column) if np.isfinite(column).any() else np.nan for column in data.T]
+    axis.plot(positions, medians, color="#D55E00", linewidth=2.2, marker="D", markersize=7, label="median",
+              zorder=3)
+    axis.set_xticks(positions)
+    axis.set_xticklabels([_shorten(run, 28) for run in runs])
+    axis.set_xlim(-0.4, len(runs) - 0.6)
+    axis.set_ylabel(_metric_label(metric, unit))
+    axis.set_title(f"{title} (n={len(values)} images)")
+    axis.legend(fontsize=8)
+    axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    return _save(figure, path)
