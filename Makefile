@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   := configs/demo_l3_ct.py
 
-.PHONY: demo test install install-test system-test-deps readme-figures spine-benchmark clean
+.PHONY: demo test install install-test system-test-deps readme-figures clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ demo: $(VENV)/.installed
 	$(BIN)/segmenter train    --config $(DEMO)
 	$(BIN)/segmenter predict  --config $(DEMO)
 	$(BIN)/segmenter evaluate --config $(DEMO) | tail -n 1
+
+# The README's figures: the demo run's comparison figure and a screenshot of its report (needs Chromium).
+readme-figures: demo system-test-deps
+	$(BIN)/python -m segmenter.readme_figures
 
 test: $(VENV)/.installed-test system-test-deps
 	$(BIN)/python -m pytest

@@ -1,15 +1,95 @@
 """Evaluate: Dice, IoU, Hausdorff, HD95, ASSD, NSD and clinical measures per test image and class.
 
-Reads the preloaded test split and experiments/<experiment>/predict/test/; writes
-experiments/<experiment>/evaluate/ (metrics.csv, summary.json, figures/, report.html) and prints the
-report's path as its last line.
+Three modes:
+
+  segmenter evaluate [--config FILE]
+      an experiment: reads the preloaded test split and experiments/<experiment>/predict/test/; writes
+      experiments/<experiment>/evaluate/ (metrics.csv, summary.json, figures/, report.html).
+  segmenter evaluate --truth DIR --pred DIR --out DIR [--classes background,liver] [--spacing 0.8,0.8]
+      any two folders of masks (PNG, NPY, CSV, NIfTI, DICOM), paired by file name without the suffix;
+      spacing from NIfTI/DICOM headers, else --spacing, else pixels. Writes the same files into --out.
+  segmenter evaluate --compare RUN_DIR RUN_DIR [...] [--out DIR]
+      two or more runs (folders with metrics.csv and summary.json): per-class means side by side,
+      paired plots of per-image Dice and Wilcoxon signed-rank tests; writes comparison.csv,
+      comparison.json, figures/ and report.html into --out (default ./comparison).
+
+The last line printed is the report's path. The folder and compare modes need no config.
 """
+import argparse
+from pathlib import Path
+
 from segmenter import cli
+
+
+def _names(text: str) -> list:
+    names = [name.strip() for name in text.split(",")]
+    if len(names) < 2 or not all(names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected two or more distinct comma-separated class names, "
+                                         f"background first, e.g. background,liver; got {text!r}")
+    return names
+
+
+def _spacing(text: str) -> tuple:
+    try:
+        values = tuple(float(value) for value in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) not in (2, 3) or not all(0 < value < float("inf") for value in values):
+        raise argparse.ArgumentTypeError(f"expected 2 or 3 positive comma-separated millimetres per axis, "
+                                         f"e.g. 0.8,0.8; got {text!r}")
+    return values
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a distance >= 0, got {text!r}")
+    return value
 
 
 def main(argv=None, prog=None) -> int:
     parser = cli.stage_parser(__doc__, prog)
+    folders = parser.add_argument_group("two folders of masks (no --config)")
+    folders.add_argument("--truth", type=Path, metavar="DIR", help="folder of true masks")
+    folders.add_argument("--pred", type=Path, metavar="DIR", help="folder of predicted masks, same file names")
+    folders.add_argument("--classes", type=_names, metavar="NAMES",
+                         help="class names, background first (default: background,class_1,... to the largest label)")
+    folders.add_argument("--spacing", type=_spacing, metavar="MM,MM",
+                         help="pixel spacing in mm per axis for files without one in their header (PNG, NPY, CSV)")
+    folders.add_argument("--nsd-tolerance", type=_tolerance, default=2.0, metavar="DISTANCE",
+                         help="normalised surface Dice tolerance, mm (pixels without spacing); default 2")
+    compare = parser.add_argument_group("comparing runs (no --config)")
+    compare.add_argument("--compare", nargs="+", type=Path, metavar="RUN_DIR",
+                         help="two or more folders holding metrics.csv and summary.json")
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help="output folder of the --truth/--pred and --compare modes")
     args = parser.parse_args(argv)
+
+    folder_options = args.truth or args.pred or args.classes or args.spacing
+    if (args.compare or folder_options) and (args.config or args.overrides):
+        parser.error("--config and --set belong to the experiment mode, not to --truth/--pred or --compare")
+    if args.compare:
+        if folder_options:
+            parser.error("--compare cannot be combined with --truth, --pred, --classes or --spacing")
+        if len(args.compare) < 2:
+            parser.error("--compare needs two or more run folders")
+        from segmenter.evaluation import compare as comparison
+
+        return cli.run_stage(lambda: comparison.compare_runs(args.compare, args.out or Path("comparison")))
+    if folder_options:
+        if not (args.truth and args.pred and args.out):
+            parser.error("--truth, --pred and --out are all needed to evaluate two folders of masks")
+        from segmenter.evaluation import folders as mask_folders
+
+        return cli.run_stage(lambda: mask_folders.evaluate_folders(
+            args.truth, args.pred, args.out, class_names=args.classes, spacing=args.spacing,
+            nsd_tolerance=args.nsd_tolerance))
+    if args.out:
+        parser.error("--out belongs to the --truth/--pred and --compare modes; an experiment writes to "
+                     "experiments/<experiment>/evaluate/")
     config = cli.load_config_or_exit(args)
     from segmenter.evaluation import pipeline
 

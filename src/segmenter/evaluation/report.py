@@ -7,7 +7,8 @@ passed through ``html.escape``.
 
 Sections, in reading order for a clinician (results first, provenance last): overview, results per
 class with definitions, figures (in the order given, e.g. training curves, examples, distributions),
-tuning results, any extra tables, per-image metrics, data, configuration.
+tuning results, any extra tables, per-image metrics, data, configuration. ``write_comparison_report``
+writes the page comparing runs (means side by side, paired tests, paired plots) in the same style.
 """
 from __future__ import annotations
 
@@ -127,12 +128,60 @@ def write_report(
         f"<details><summary>Show configuration (JSON)</summary><pre>{_e(config_json)}</pre></details>",
     ))
 
-    anchors = [_anchor(heading, index) for index, (heading, _) in enumerate(sections)]
     n_images = summary.get("n_images", table["image_id"].nunique() if "image_id" in table else 0)
     overview = f"<p>{_e(n_images)} test images. Distances in <b>{_e(distance)}</b>, areas in <b>{_e(area)}</b>"
     if tolerance is not None:
         overview += f", normalised surface Dice at a tolerance of <b>{_e(_number(tolerance))} {_e(distance)}</b>"
     overview += ".</p>"
+    return write_text_atomic(_page(title, overview, sections), Path(path))
+
+
+def write_comparison_report(
+    path: Path,
+    *,
+    title: str,
+    runs: Mapping[str, Any],
+    means: pd.DataFrame,
+    tests: pd.DataFrame,
+    figures: Mapping[str, Sequence[FigureEntry]],
+    notes: Sequence[str] = (),
+    method: str = "",
+) -> Path:
+    """Write the report comparing evaluation runs as one self-contained HTML file.
+
+    Parameters
+    ----------
+    path : Path
+        The HTML file to write (atomically).
+    title : str
+        Page title.
+    runs : mapping
+        Run name -> a short description (its folder, image count, units), shown as a key/value table.
+    means : pandas.DataFrame
+        Per-class means side by side, one column per run (already formatted or numeric).
+    tests : pandas.DataFrame
+        The paired tests, one row per class and pair of runs.
+    figures : mapping of str to sequence of Path or (Path, caption)
+        Section title -> PNG files, in display order.
+    notes : sequence of str
+        Remarks shown under the overview (e.g. images not shared by every run).
+    method : str
+        One paragraph saying how the runs were compared, shown above the tests.
+    """
+    overview = (f"<p>{_e(len(runs))} runs compared on the images they share, matched by image id and class.</p>"
+                + "".join(f'<p class="note">{_e(note)}</p>' for note in notes))
+    sections = [
+        ("Mean per class, side by side", _scroll(_table_html(means))),
+        ("Paired tests", (f"<p>{_e(method)}</p>" if method else "") + _scroll(_table_html(tests))),
+        *((heading, _figures_html(heading, entries)) for heading, entries in figures.items()),
+        ("Runs", _mapping_table(runs)),
+    ]
+    return write_text_atomic(_page(title, overview, sections), Path(path))
+
+
+def _page(title: str, overview: str, sections: Sequence[tuple[str, str]]) -> str:
+    """The whole HTML page: title, overview, a table of contents and one <section> per (heading, body)."""
+    anchors = [_anchor(heading, index) for index, (heading, _) in enumerate(sections)]
     navigation = "<nav><ul>" + "".join(
         f'<li><a href="#{anchor}">{_e(heading)}</a></li>' for anchor, (heading, _) in zip(anchors, sections)
     ) + "</ul></nav>"
@@ -140,12 +189,11 @@ def write_report(
         f'<section id="{anchor}"><h2>{_e(heading)}</h2>{content}</section>'
         for anchor, (heading, content) in zip(anchors, sections)
     )
-    page = (
+    return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{_e(title)}</title><style>{_STYLE}</style></head><body>"
         f"<h1>{_e(title)}</h1>{overview}{navigation}{body}</body></html>\n"
     )
-    return write_text_atomic(page, Path(path))
 
 
 def _results_section(summary: Mapping[str, Any], distance: str, tolerance: Optional[float]) -> str:

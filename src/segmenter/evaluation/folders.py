@@ -1,0 +1,383 @@
+"""Evaluate any two folders of masks: the truth and a prediction, e.g. another tool's output.
+
+``segmenter evaluate --truth DIR --pred DIR --out DIR`` pairs the files of the two folders by name
+without the format suffix (``case7.png`` with ``case7.npy``; PNG, NPY, CSV, NIfTI and DICOM through
+:mod:`segmenter.io`), scores every pair and writes the same ``metrics.csv``, ``summary.json``,
+``figures/`` and ``report.html`` as the evaluate stage of an experiment, plus ``pairs.json`` (which files
+were paired, which were not) and ``config.resolved.json`` (the settings used).
+
+Pixel spacing comes from the files' headers where they have one (NIfTI, DICOM), else from ``spacing``,
+else distances are in pixels; a run never mixes mm and pixels (see :mod:`segmenter.evaluation.tables`).
+Masks of one slice stored as a 3D array with a single plane are scored as 2D. Masks holding only 0 and
+255 (8-bit binary images) are read as background and class 1.
+
+The folders are read twice, once to check every pair and find the labels and spacings, once to score,
+so memory holds one pair at a time however large the volumes are.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from segmenter.artifacts import atomic_directory, write_json_atomic, write_text_atomic
+from segmenter.errors import InputError
+from segmenter.evaluation import figures
+from segmenter.evaluation.report import write_report
+from segmenter.evaluation.tables import distance_unit, metrics_table, summarize
+from segmenter.io import LoadedImage, list_cases, read_mask
+from segmenter.io.grid import map_labels_to_grid
+
+DISTRIBUTION_METRICS = ("dice", "iou", "hd95", "assd", "nsd")
+#: Files whose presence marks a folder as an earlier evaluation output, safe to replace.
+OUTPUT_MARKERS = ("report.html", "metrics.csv", "summary.json", "comparison.json")
+
+
+@dataclasses.dataclass
+class MaskPairs:
+    """Files of a truth and a prediction folder, paired by case id (the name without its suffix)."""
+
+    matched: dict[str, tuple[Path, Path]]
+    truth_only: list[Path]
+    pred_only: list[Path]
+
+
+@dataclasses.dataclass
+class FolderEvaluation:
+    """The result of :func:`evaluate_folders`; ``str()`` is what the command prints."""
+
+    output_dir: Path
+    summary: dict
+    pairs: MaskPairs
+    notes: list[str]
+
+    def __str__(self) -> str:
+        unit = self.summary.get("distance_unit", "")
+        lines = [f"Evaluated {self.summary['n_images']} mask pairs ({self.output_dir}):"]
+        for name, stats in self.summary["classes"].items():
+            lines.append(f"  {name}: Dice {_fmt(stats.get('dice_mean'))}, HD95 {_fmt(stats.get('hd95_mean'))} "
+                         f"{unit}, ASSD {_fmt(stats.get('assd_mean'))} {unit}")
+        lines.extend(f"Note: {note}" for note in self.notes)
+        lines.append(str(self.output_dir / "report.html"))
+        return "\n".join(lines)
+
+
+def pair_mask_files(truth_dir: Path, pred_dir: Path) -> MaskPairs:
+    """Pair the mask files of two folders by case id.
+
+    Raises
+    ------
+    InputError
+        If a folder is missing or holds no mask file, or no file of one folder matches a file of the
+        other (the message gives an example name from each).
+    """
+    truth_cases = list_cases(Path(truth_dir), "truth mask")
+    pred_cases = list_cases(Path(pred_dir), "predicted mask")
+    matched = {case: (path, pred_cases[case]) for case, path in truth_cases.items() if case in pred_cases}
+    if not matched:
+        raise InputError(pred_dir, f"no predicted mask matches a truth mask of {truth_dir} by name (e.g. truth "
+                                   f"{next(iter(truth_cases.values())).name}, prediction "
+                                   f"{next(iter(pred_cases.values())).name}); files are paired by name "
+                                   "without the suffix")
+    return MaskPairs(
+        matched=matched,
+        truth_only=[path for case, path in truth_cases.items() if case not in pred_cases],
+        pred_only=[path for case, path in pred_cases.items() if case not in truth_cases],
+    )
+
+
+def evaluate_folders(
+    truth_dir: Path,
+    pred_dir: Path,
+    out_dir: Path,
+    *,
+    class_names: Optional[Sequence[str]] = None,
+    spacing: Optional[Sequence[float]] = None,
+    nsd_tolerance: float = 2.0,
+    bootstrap_samples: int = 1000,
+    seed: int = 42,
+) -> FolderEvaluation:
+    """Score the masks of ``pred_dir`` against those of ``truth_dir``; write the results to ``out_dir``.
+
+    Parameters
+    ----------
+    truth_dir, pred_dir : Path
+        Folders of label maps (class indices), paired by file name without the suffix.
+    out_dir : Path
+        Output folder, replaced whole when everything succeeded. It may not hold the inputs, and an
+        existing folder must be an earlier evaluation output (it is never another folder's contents).
+    class_names : sequence of str or None
+        All class names, background first. None: ``background, class_1, ...`` up to the largest label.
+    spacing : sequence of float or None
+        Pixel size in mm per array axis, for files whose format has no spacing (PNG, NPY, CSV).
+    nsd_tolerance : float
+        Normalised surface Dice tolerance, in mm (pixels when the spacing is unknown).
+    bootstrap_samples, seed : int
+        Bootstrap of the confidence interval of the mean Dice (see :func:`tables.summarize`).
+
+    Returns
+    -------
+    result : FolderEvaluation
+
+    Raises
+    ------
+    InputError
+        For a missing or empty folder, no matching names, an unreadable mask, a pair differing in shape,
+        labels outside the given classes or a spacing of the wrong length (one line, naming the file).
+    """
+    truth_dir, pred_dir, out_dir = Path(truth_dir), Path(pred_dir), Path(out_dir)
+    check_output_folder(out_dir, [truth_dir, pred_dir])
+    if class_names is not None and len(class_names) < 2:
+        raise InputError(None, "--classes needs the background and at least one foreground class")
+    pairs = pair_mask_files(truth_dir, pred_dir)
+
+    # First pass: every pair readable and of one shape; the labels present; the spacing each file has.
+    labels: set[int] = set()
+    header_spacings: dict[str, Optional[tuple[float, ...]]] = {}
+    dimensions: dict[str, int] = {}
+    for case, (truth, pred) in _read_pairs(pairs):
+        labels.update(np.unique(truth.array).tolist())
+        labels.update(np.unique(pred.array).tolist())
+        header_spacings[case] = truth.spacing if truth.spacing is not None else pred.spacing
+        dimensions[case] = truth.array.ndim
+    notes: list[str] = []
+    relabel_255 = labels <= {0, 255} and 255 in labels
+    if relabel_255:
+        notes.append("the masks hold only 0 and 255; 255 was read as class 1")
+        labels = {1 if label == 255 else label for label in labels}
+    if min(labels) < 0:
+        raise InputError(truth_dir, f"negative label {min(labels)} in the masks; labels must be class indices >= 0")
+    if class_names is None:
+        class_names = ["background", *(f"class_{label}" for label in range(1, max(max(labels), 1) + 1))]
+    elif max(labels) >= len(class_names):
+        offender = next(path for case, (truth, pred) in _read_pairs(pairs) for path, array in
+                        ((truth.source, truth.array), (pred.source, pred.array)) if array.max() >= len(class_names))
+        raise InputError(offender, f"holds label {max(labels)} but --classes names only {len(class_names)} "
+                                   f"classes (labels 0..{len(class_names) - 1})")
+    spacings, spacing_source = _choose_spacings(header_spacings, dimensions, spacing, notes)
+
+    def cases() -> Iterator[tuple]:
+        for case, (truth, pred) in _read_pairs(pairs):
+            truth_array, pred_array = truth.array, pred.array
+            if relabel_255:
+                truth_array, pred_array = (np.where(a == 255, 1, a) for a in (truth_array, pred_array))
+            yield case, truth_array, pred_array, spacings[case], None
+
+    thumbnails: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    grid_ids = set(_evenly_spaced(list(pairs.matched), figures.MAX_GRID_CASES))
+
+    def keeping_thumbnails(stream):
+        for case, truth_array, pred_array, case_spacing, intensity in stream:
+            if case in grid_ids:
+                thumbnails[case] = _display_slice(truth_array, pred_array)[:2]
+            yield case, truth_array, pred_array, case_spacing, intensity
+
+    try:
+        table = metrics_table(keeping_thumbnails(cases()), list(class_names), nsd_tolerance)
+    except ValueError as error:  # InputError is a ValueError too and already names its file
+        raise error if isinstance(error, InputError) else InputError(pred_dir, str(error)) from error
+    unit = distance_unit(list(spacings.values()))
+    summary = summarize(table, list(class_names), unit, bootstrap_samples, seed)
+    settings = {
+        "truth_dir": str(truth_dir.resolve()), "pred_dir": str(pred_dir.resolve()),
+        "out_dir": str(out_dir.resolve()), "classes": list(class_names),
+        "spacing": None if spacing is None else [float(value) for value in spacing],
+        "spacing_source": spacing_source,
+        "evaluate": {"nsd_tolerance": float(nsd_tolerance), "bootstrap_samples": int(bootstrap_samples),
+                     "seed": int(seed)},
+    }
+    pairs_record = {
+        "matched": {case: [str(truth), str(pred)] for case, (truth, pred) in pairs.matched.items()},
+        "truth_without_prediction": [str(path) for path in pairs.truth_only],
+        "prediction_without_truth": [str(path) for path in pairs.pred_only],
+    }
+    if pairs.truth_only or pairs.pred_only:
+        notes.insert(0, _unmatched_text(pairs))
+
+    with atomic_directory(out_dir) as tmp_dir:
+        write_text_atomic(table.to_csv(index=False), tmp_dir / "metrics.csv")
+        write_json_atomic(summary, tmp_dir / "summary.json")
+        write_json_atomic(pairs_record, tmp_dir / "pairs.json")
+        write_json_atomic(settings, tmp_dir / "config.resolved.json")
+        sections = _draw_figures(tmp_dir / "figures", pairs, table, list(class_names), spacings, thumbnails,
+                                 relabel_255, unit)
+        unmatched = pd.DataFrame(
+            [("truth", path.name, "no prediction of this name") for path in pairs.truth_only]
+            + [("prediction", path.name, "no truth of this name") for path in pairs.pred_only],
+            columns=["folder", "file", "problem"])
+        data = {
+            "truth folder": str(truth_dir), "prediction folder": str(pred_dir),
+            "pairs scored": len(pairs.matched), "truth files without a prediction": len(pairs.truth_only),
+            "predictions without a truth file": len(pairs.pred_only), "classes": list(class_names),
+            "pixel spacing": spacing_source, **({"notes": notes} if notes else {}),
+        }
+        write_report(tmp_dir / "report.html", title=f"Segmentation report: {pred_dir.name} against {truth_dir.name}",
+                     config=settings, manifest_summary=data, summary=summary, table=table, figures=sections,
+                     extra_tables={"Unmatched files": unmatched} if len(unmatched) else None)
+    return FolderEvaluation(out_dir, summary, pairs, notes)
+
+
+def check_output_folder(out_dir: Path, inputs: Sequence[Path]) -> None:
+    """Refuse an output folder that would replace input data or an unrelated folder.
+
+    The output folder is replaced whole, so it may not be, or lie above, any input folder, and an
+    existing non-empty one must hold an earlier evaluation output (one of ``OUTPUT_MARKERS``).
+    """
+    out = Path(out_dir).resolve()
+    for folder in inputs:
+        folder = Path(folder).resolve()
+        if out == folder or out in folder.parents:
+            raise InputError(out_dir, f"the output folder would replace the input folder {folder}; "
+                                      "choose another --out")
+    if out.is_file():
+        raise InputError(out_dir, "the output folder is a file")
+    if out.is_dir() and any(out.iterdir()) and not any((out / name).is_file() for name in OUTPUT_MARKERS):
+        raise InputError(out_dir, "exists and is not an earlier evaluation output, so it is not replaced; "
+                                  "choose a new or empty --out folder")
+
+
+def _read_pairs(pairs: MaskPairs) -> Iterator[tuple[str, tuple[LoadedImage, LoadedImage]]]:
+    """Read each matched pair in turn (see :func:`_read_pair`)."""
+    for case, (truth_path, pred_path) in pairs.matched.items():
+        yield case, _read_pair(truth_path, pred_path)
+
+
+def _read_pair(truth_path: Path, pred_path: Path) -> tuple[LoadedImage, LoadedImage]:
+    """Read a truth and a predicted mask, the prediction on the truth's grid.
+
+    When both files carry an affine (NIfTI, DICOM) and their grids differ, the prediction is mapped onto
+    the truth's grid through the affines, as the preload stage maps label maps onto images; otherwise the
+    shapes must be equal.
+    """
+    truth, pred = read_mask(truth_path), read_mask(pred_path)
+    same_grid = truth.array.shape == pred.array.shape and (
+        truth.affine is None or pred.affine is None or np.allclose(truth.affine, pred.affine, atol=1e-4))
+    if not same_grid and truth.affine is not None and pred.affine is not None \
+            and truth.array.ndim == pred.array.ndim:
+        array = map_labels_to_grid(pred.array, pred.affine, truth.array.shape, truth.affine, pred_path)
+        pred = LoadedImage(np.ascontiguousarray(array), truth.spacing, truth.affine, pred_path)
+    elif truth.array.shape != pred.array.shape:
+        raise InputError(pred_path, f"mask shape {pred.array.shape} differs from the truth's "
+                                    f"{truth.array.shape} ({truth_path.name})")
+    return _as_2d_if_single_plane(truth), _as_2d_if_single_plane(pred)
+
+
+def _as_2d_if_single_plane(mask: LoadedImage) -> LoadedImage:
+    """A 3D mask with one plane as 2D (its spacing without that axis); surface distances need a real 2D."""
+    shape = mask.array.shape
+    if mask.array.ndim != 3 or 1 not in shape:
+        return mask
+    axis = shape.index(1)
+    spacing = None if mask.spacing is None else tuple(s for i, s in enumerate(mask.spacing) if i != axis)
+    return LoadedImage(np.take(mask.array, 0, axis=axis), spacing, mask.affine, mask.source)
+
+
+def _choose_spacings(header_spacings: dict[str, Optional[tuple[float, ...]]], dimensions: dict[str, int],
+                     spacing: Optional[Sequence[float]],
+                     notes: list[str]) -> tuple[dict[str, Optional[tuple[float, ...]]], str]:
+    """Per case: the header's spacing, else ``spacing``, else None for every case (pixels)."""
+    without = [case for case, value in header_spacings.items() if value is None]
+    if spacing is not None:
+        spacing = tuple(float(value) for value in spacing)
+        for case in without:
+            if dimensions[case] != len(spacing):
+                raise InputError(None, f"--spacing has {len(spacing)} values but the masks of case {case!r} "
+                                       f"have {dimensions[case]} axes")
+        chosen = {case: value if value is not None else spacing for case, value in header_spacings.items()}
+        if not without:
+            return chosen, "from the file headers (--spacing not needed)"
+        source = "from --spacing" if len(without) == len(chosen) else "from the file headers, else --spacing"
+        return chosen, f"{source} ({', '.join(f'{value:g}' for value in spacing)} mm)"
+    if not without:
+        return dict(header_spacings), "from the file headers (mm)"
+    if len(without) < len(header_spacings):
+        notes.append(f"{len(without)} of {len(header_spacings)} pairs have no pixel spacing (e.g. {without[0]}), "
+                     "so every distance is in pixels; pass --spacing to measure in mm")
+    return {case: None for case in header_spacings}, "unknown: distances in pixels (pass --spacing for mm)"
+
+
+def _display_slice(truth: np.ndarray, pred: np.ndarray, class_id: Optional[int] = None):
+    """A 2D view of a pair: itself if 2D, else the plane (last axis) with the most true foreground.
+
+    Returns (truth2d, pred2d, plane index or None).
+    """
+    if truth.ndim == 2:
+        return truth, pred, None
+    selected = (lambda labels: labels > 0) if class_id is None else (lambda labels: labels == class_id)
+    counts = selected(truth).sum(axis=(0, 1))
+    if not counts.any():
+        counts = selected(pred).sum(axis=(0, 1))
+    plane = int(counts.argmax()) if counts.any() else truth.shape[-1] // 2
+    return truth[..., plane], pred[..., plane], plane
+
+
+def _evenly_spaced(ids: list[str], limit: int) -> list[str]:
+    """The ids case_grid_figure shows out of ``ids`` (the same evenly spaced choice)."""
+    shown = np.unique(np.linspace(0, len(ids) - 1, min(len(ids), limit)).round().astype(int))
+    return [ids[index] for index in shown]
+
+
+def _draw_figures(folder: Path, pairs: MaskPairs, table: pd.DataFrame, class_names: list[str],
+                  spacings: dict, thumbnails: dict, relabel_255: bool, unit: str) -> dict[str, list]:
+    folder.mkdir(parents=True, exist_ok=True)
+    sections: dict[str, list] = {}
+    comparisons = []
+    for class_id, class_name in enumerate(class_names[1:], start=1):
+        if not (table["class"] == class_name).any():
+            continue
+        for rank, case in figures.select_cases(table, class_name).items():
+            truth, pred = _read_pair(*pairs.matched[case])
+            truth_array, pred_array = truth.array, pred.array
+            if relabel_255:
+                truth_array, pred_array = (np.where(a == 255, 1, a) for a in (truth_array, pred_array))
+            truth2d, pred2d, plane = _display_slice(truth_array, pred_array, class_id)
+            case_spacing = spacings[case]
+            if plane is not None and case_spacing is not None:
+                case_spacing = case_spacing[:2]
+            where = case if plane is None else f"{case}, plane {plane}"
+            row = table[(table.image_id == case) & (table["class"] == class_name)].iloc[0]
+            path = figures.comparison_figure(None, truth2d, pred2d, class_id, class_name,
+                                             f"{class_name}, {rank} case: {where}",
+                                             folder / f"compare_{_file_safe(class_name)}_{rank}.png",
+                                             spacing=case_spacing)
+            comparisons.append((path, f"{class_name}: {rank} case by Dice ({where}, Dice {row.dice:.3f}"
+                                      + (", whole-volume Dice; the plane with the most true foreground is shown)"
+                                         if plane is not None else ")")))
+    sections["Best, median and worst cases"] = comparisons
+    ids = [case for case in pairs.matched if case in thumbnails]
+    sections["All cases"] = [(figures.case_grid_figure(None, [thumbnails[c][0] for c in ids],
+                                                       [thumbnails[c][1] for c in ids], ids,
+                                                       folder / "all_cases.png"),
+                              "Every case (3D: the plane with the most true foreground): agreement (green), "
+                              "missed (vermilion) and extra (yellow) pixels")]
+    sections["Metric distributions"] = [
+        (figures.distribution_figure(table, metric, folder / f"distribution_{metric}.png",
+                                     unit=unit if metric in ("hd", "hd95", "assd") else None), f"{metric} per class")
+        for metric in DISTRIBUTION_METRICS]
+    sections["Clinical measures"] = [
+        (figures.bland_altman_figure(table, "area", folder / "bland_altman_area.png"),
+         "Bland-Altman plot of area, predicted against true"),
+        (figures.correlation_figure(table, "area", folder / "correlation_area.png"), "Predicted against true area"),
+    ]
+    return sections
+
+
+def _unmatched_text(pairs: MaskPairs) -> str:
+    parts = []
+    for paths, what in ((pairs.truth_only, "truth files without a prediction"),
+                        (pairs.pred_only, "predictions without a truth file")):
+        if paths:
+            names = ", ".join(path.name for path in paths[:5]) + (", ..." if len(paths) > 5 else "")
+            parts.append(f"{len(paths)} {what} ({names})")
+    return "unmatched, not scored: " + "; ".join(parts)
+
+
+def _file_safe(name: str) -> str:
+    return "".join(character if character.isalnum() or character in "-_" else "_" for character in name)
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
