@@ -115,7 +115,7 @@ def write_report(
     for heading, entries in figures.items():
         sections.append((heading, _figures_html(heading, entries)))
     if tuning_table is not None:
-        sections.append(("Hyperparameter tuning", _scroll(_table_html(tuning_table))))
+        sections.append(("Hyperparameter search: every trial", _scroll(_table_html(tuning_table))))
     for heading, frame in (extra_tables or {}).items():
         sections.append((heading, _scroll(_table_html(frame))))
     sections.append(("Per-image metrics", _per_image_section(table, distance, area)))
