@@ -149,8 +149,10 @@ class EncoderUnfreeze(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         if epoch == self.epochs_frozen:
             models.set_encoder_trainable(self.model, True)
-            # Changing trainable weights needs a recompile to take effect in the compiled train step.
+            # The compiled train step captured the trainable variables and the optimizer was built for
+            # the decoder's alone: recompile (a fresh optimizer, as is usual for fine-tuning) and retrace.
             compile_model(self.model, self.train_settings, self.class_names)
+            self.model.make_train_function(force=True)
 
 
 def _drop_history_after(history_csv: Path, epoch: int) -> None:
