@@ -88,6 +88,10 @@ CONFIG = {
         "time_budget_minutes": 20.0,
         # Share of the training slices (whole patients/volumes) used to score the trials.
         "validation_fraction": 0.2,
+        # 1: score each trial on that one validation split. k >= 2: k-fold cross-validation instead (and
+        # validation_fraction is not used): each trial trains k models on k folds of the training slices
+        # (whole patients/volumes) and is scored by the mean of their k validation scores; k times slower.
+        "folds": 1,
         "executions_per_trial": 1,
         # Replaces entries of segmenter.tuning.DEFAULT_SEARCH_SPACE by name: a list is a choice, a dict
         # {"min", "max", "step", "sampling"} a range, a single value fixes it. E.g. {"base_filters": [16, 32]}.

@@ -101,6 +101,7 @@ class TuneConfig(_Section):
     max_epochs: int = Field(20, ge=1)
     time_budget_minutes: Optional[float] = Field(20.0, gt=0.0)
     validation_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    folds: int = Field(1, ge=1)
     executions_per_trial: int = Field(1, ge=1)
     search_space: dict[str, Any] = Field(default_factory=dict)
 

@@ -1,37 +1,77 @@
-"""Hyperparameter search with keras-tuner on a validation split of the training set.
+"""Hyperparameter search with keras-tuner on validation parts of the training set.
 
-The test split is never read here. ``experiments/<experiment>/tune/`` afterwards holds keras-tuner's own
-project folder (``keras_tuner/``; with ``overwrite=False`` a rerun reloads it, so an interrupted search
-resumes where it stopped), ``tensorboard/<trial>/`` (scalars and the HParams dashboard for every trial),
-``trials.csv``, ``best_hyperparameters.json``, ``objective_vs_hyperparameters.png``, ``validation_split.json``
-and ``config.resolved.json``.
+The test split is never read here: every slice comes from the preloaded ``train`` split. Each trial is
+scored on one grouped validation split of the training slices (``tune.folds = 1``, the share
+``tune.validation_fraction``) or, with ``tune.folds = k >= 2``, trains k models on k grouped folds and
+reports the mean of their validation scores.
+
+``experiments/<experiment>/tune/`` afterwards holds keras-tuner's own project folder (``keras_tuner/``;
+with ``overwrite=False`` a rerun reloads it, so an interrupted search resumes where it stopped),
+``tensorboard/<trial>/`` (scalars and the HParams dashboard for every trial and fold), ``trials.csv``,
+``best_hyperparameters.json``, ``objective_vs_hyperparameters.png``, ``validation_split.json`` and
+``config.resolved.json``.
+
+Distributed search uses keras-tuner's own chief/worker mode, set by the environment variables
+``KERASTUNER_TUNER_ID`` (``chief`` for the chief, any other unique name for a worker),
+``KERASTUNER_ORACLE_IP`` and ``KERASTUNER_ORACLE_PORT``. The chief only serves the oracle; the workers
+run the trials; when the search ends the chief writes the summary files. All processes must see the same
+``experiments/<experiment>/tune/`` folder (one machine, or a shared file system).
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import time
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Union
 
 import keras
 import keras_tuner as kt
 import numpy as np
 import pandas as pd
+import tensorflow as tf
+from keras_tuner.src.engine import tuner_utils
+from pydantic import ValidationError
+from sklearn.model_selection import StratifiedGroupKFold
 
-from segmenter.artifacts import read_json, save_resolved_config, write_json_atomic, write_text_atomic
-from segmenter.config import Config
-from segmenter.data_pipeline import make_dataset
-from segmenter.dataset import read_manifest
+from segmenter.artifacts import save_resolved_config, write_json_atomic, write_text_atomic
+from segmenter.config import AugmentationConfig, Config, ConfigError, ModelConfig, TrainConfig
+from segmenter.data_pipeline import AUTOTUNE, make_augmenter, make_dataset
+from segmenter.dataset import SliceSet, load_split, read_manifest
 from segmenter.preprocessing import split_train_test
 from segmenter.training import OBJECTIVE, TimeBudget, apply_hyperparameters, build_compiled_model
 
+# ----------------------------------------------------------------------------------------------------
+# The search space
+# ----------------------------------------------------------------------------------------------------
 # The search space, in one place. Each entry is a list (a choice), a dict {"min", "max"[, "step"]
 # [, "sampling": "log"]} (a range), or a single value (fixed). Names are fields of the train section
-# (``learning_rate``, ``loss``), of ``train.model`` (``architecture``, ``depth``, ...) or of
-# ``train.augmentation`` (``flip_vertical``, ``rotation_degrees``, ...), so the best values drop straight
-# into the train stage. ``tune.search_space`` in the config replaces entries by name; set an entry to a
-# single value to fix it, or add any other field name to search it too.
+# (``learning_rate``, ``loss``, ``optimizer``, ``batch_size``, ...), of ``train.model`` (``architecture``,
+# ``depth``, ``base_filters``, ``normalization``, ``upsampling``, ``backbone``, ...) or of
+# ``train.augmentation`` (``flip_horizontal``, ``flip_vertical``, ``rotation_degrees``, ``zoom``,
+# ``intensity``), so the best values drop straight into the train stage; plus ``ct_window`` (below).
+#
+# ``tune.search_space`` in the config replaces entries by name: set an entry to a single value to fix it,
+# to None to leave it out (the train section's value is then used), or add any other name above to search
+# it too. The default fits a 20-minute CPU search: U-Net only. To compare architectures, augmentations
+# and CT windows, list them, e.g.
+#
+#     "search_space": {
+#         "architecture": ["unet", "attention_unet", "residual_unet", "mobilenetv2_unet", "deeplabv3plus"],
+#         "rotation_degrees": [0.0, 10.0, 20.0],
+#         "zoom": [0.0, 0.1],
+#         "intensity": [0.0, 0.1],
+#         "ct_window": [[-200, 300], [-160, 240], [-250, 250]],
+#     }
+#
+# ``ct_window`` is a choice of [low, high] intensity windows (Hounsfield units for CT), each given as a
+# pair; a single window is written [[low, high]]. A trial with a window recomputes its input images from
+# the raw intensities the shards keep (``hu_images``) as preload's ``ct_window`` normalisation does:
+# clip to the window, scale to 0..1 (applied after resizing, where preload applies it before, so pixels
+# at the edge of the window differ slightly). The train stage does not apply it: put the best window in
+# ``preload.normalization.window`` (method "ct_window") and run preload again before training.
 DEFAULT_SEARCH_SPACE: dict[str, Any] = {
     "architecture": ["unet"],
     "depth": [3, 4],
@@ -42,14 +82,102 @@ DEFAULT_SEARCH_SPACE: dict[str, Any] = {
     "flip_vertical": [False, True],
 }
 
+# The one searchable name that is not a train setting; see above.
+WINDOW = "ct_window"
+
+# Train settings that the search controls itself (epochs, time) or that make no sense to search.
+_NOT_SEARCHABLE = {"model", "augmentation", "epochs", "time_budget_minutes", "use_tuned_hyperparameters",
+                   "class_weights", "encoder_weights"}
+
+
+def searchable_names() -> set[str]:
+    names = set(ModelConfig.model_fields) | set(AugmentationConfig.model_fields) | set(TrainConfig.model_fields)
+    return (names - _NOT_SEARCHABLE) | {WINDOW}
+
 
 def search_space(config: Config) -> dict[str, Any]:
-    return {**DEFAULT_SEARCH_SPACE, **config.tune.search_space}
+    """The default space with ``tune.search_space`` on top; entries set to None are left out."""
+    merged = {**DEFAULT_SEARCH_SPACE, **config.tune.search_space}
+    return {name: spec for name, spec in merged.items() if spec is not None}
+
+
+def _window_label(window) -> str:
+    low, high = window
+    return f"{float(low):g},{float(high):g}"
+
+
+def parse_window(label: str) -> tuple[float, float]:
+    """``"-200,300"`` (how a window is stored as a keras-tuner choice) -> (-200.0, 300.0)."""
+    low, high = (float(part) for part in label.split(","))
+    return low, high
+
+
+def _spec_values(spec: Any) -> list:
+    """The values a search-space entry can take that validation should try (choices, or range ends)."""
+    if isinstance(spec, list):
+        return spec
+    if isinstance(spec, dict):
+        return [spec["min"], spec["max"]]
+    return [spec]
+
+
+def validate_search_space(config: Config) -> dict[str, Any]:
+    """Check every entry of the search space before any trial runs; return the space.
+
+    A misspelt name or a value the train section would reject is a ``ConfigError`` naming the entry,
+    instead of a silently ignored hyperparameter or a search of failed trials.
+    """
+    space = search_space(config)
+    known = searchable_names()
+    for name, spec in space.items():
+        where = f"tune.search_space.{name}"
+        if name not in known:
+            raise ConfigError(f"{where}: not a searchable hyperparameter; searchable are {', '.join(sorted(known))}")
+        if isinstance(spec, dict):
+            if not {"min", "max"} <= set(spec) or not set(spec) <= {"min", "max", "step", "sampling"}:
+                raise ConfigError(f"{where}: a range is {{'min', 'max'[, 'step'][, 'sampling']}}, got {spec}")
+            if name == WINDOW:
+                raise ConfigError(f"{where}: give a list of [low, high] windows, e.g. [[-200, 300], [-160, 240]]")
+        if isinstance(spec, list) and not spec:
+            raise ConfigError(f"{where}: an empty list has nothing to choose from")
+        if name == WINDOW:
+            windows = spec if isinstance(spec, list) else [spec]
+            for window in windows:
+                if not (isinstance(window, (list, tuple)) and len(window) == 2
+                        and all(isinstance(v, (int, float)) for v in window) and window[0] < window[1]):
+                    raise ConfigError(f"{where}: each window is a pair [low, high] with low < high, got {window!r}")
+            continue
+        for value in _spec_values(spec):
+            try:
+                apply_hyperparameters(config.train, {name: value})
+            except ValidationError as error:
+                raise ConfigError(f"{where}: {value!r}: {error.errors()[0]['msg']}") from None
+    if WINDOW in space:
+        _check_window_inputs(config)
+    return space
+
+
+def _check_window_inputs(config: Config) -> None:
+    """A CT window needs single-channel shards that keep the raw intensities (``hu_images``)."""
+    manifest = read_manifest(config.preloaded_dir)
+    first_shard = config.preloaded_dir / manifest["splits"]["train"]["shards"][0]
+    with np.load(first_shard) as shard:  # Reads the archive's table of contents, not the arrays.
+        has_raw = "hu_images" in shard.files
+    if manifest["channels"] != 1 or not has_raw:
+        raise ConfigError(f"tune.search_space.{WINDOW}: needs single-channel images whose raw intensities the "
+                          f"shards keep (hu_images); {first_shard} has {manifest['channels']} channel(s)"
+                          + ("" if has_raw else " and no hu_images (run preload again)"))
 
 
 def declare(hp: kt.HyperParameters, name: str, spec: Any):
     """Declare one hyperparameter from its search-space entry and return its value for this trial."""
+    if name == WINDOW:
+        # keras-tuner choices hold numbers, strings or booleans: a window is stored as "low,high".
+        labels = [_window_label(w) for w in (spec if isinstance(spec[0], (list, tuple)) else [spec])]
+        return hp.Choice(name, labels) if len(labels) > 1 else hp.Fixed(name, labels[0])
     if isinstance(spec, list):
+        if len(spec) == 2 and all(isinstance(v, bool) for v in spec) and spec[0] != spec[1]:
+            return hp.Boolean(name)  # A Choice would store True and False as 1 and 0.
         return hp.Choice(name, spec) if len(spec) > 1 else hp.Fixed(name, spec[0])
     if isinstance(spec, dict):
         low, high = spec["min"], spec["max"]
@@ -59,74 +187,9 @@ def declare(hp: kt.HyperParameters, name: str, spec: Any):
     return hp.Fixed(name, spec)
 
 
-class SegmentationHyperModel(kt.HyperModel):
-    """Builds a compiled model and its (possibly augmented) input pipeline from one trial's values."""
-
-    def __init__(self, config: Config, input_shape, train_indices, validation_indices):
-        super().__init__(name="segmentation")
-        self.config = config
-        self.input_shape = input_shape
-        self.train_indices = train_indices
-        self.validation_indices = validation_indices
-        self.space = search_space(config)
-
-    def _settings(self, hp: kt.HyperParameters):
-        values = {name: declare(hp, name, spec) for name, spec in self.space.items()}
-        return apply_hyperparameters(self.config.train, values)
-
-    def build(self, hp):
-        return build_compiled_model(self._settings(hp), self.input_shape, self.config.classes)
-
-    def fit(self, hp, model, *args, **kwargs):
-        settings = self._settings(hp)
-        config = self.config
-        train_data, _ = make_dataset(config.preloaded_dir, "train", config.num_classes, settings.batch_size,
-                                     augmentation=settings.augmentation, shuffle=True, seed=config.seed,
-                                     subset=self.train_indices)
-        validation_data, _ = make_dataset(config.preloaded_dir, "train", config.num_classes, settings.batch_size,
-                                          subset=self.validation_indices)
-        return model.fit(train_data, validation_data=validation_data, shuffle=False, verbose=2, **kwargs)
-
-
-def _tuner_class(name: str):
-    return {"hyperband": kt.Hyperband, "random": kt.RandomSearch, "bayesian": kt.BayesianOptimization}[name]
-
-
-def make_tuner(config: Config, hypermodel: SegmentationHyperModel, directory: Path, overwrite: bool) -> kt.Tuner:
-    tune = config.tune
-    # keras-tuner cannot infer whether a custom metric should go up or down: say so explicitly.
-    objective = kt.Objective(f"val_{OBJECTIVE}", direction="max")
-    common = dict(objective=objective, directory=str(directory), project_name="keras_tuner", overwrite=overwrite,
-                  seed=config.seed, executions_per_trial=tune.executions_per_trial)
-    tuner_class = _tuner_class(tune.tuner)
-    if tuner_class is kt.Hyperband:
-        tuner = kt.Hyperband(hypermodel, max_epochs=tune.max_epochs, factor=3, **common)
-    else:
-        tuner = tuner_class(hypermodel, max_trials=tune.max_trials, **common)
-    _limit_trials(tuner, tune.max_trials, tune.time_budget_minutes)
-    return tuner
-
-
-def _limit_trials(tuner: kt.Tuner, max_trials: int, minutes) -> None:
-    """End the search cleanly after ``max_trials`` trials or when the wall-clock budget is spent.
-
-    keras-tuner's search loop stops when its oracle hands out a STOPPED trial; Hyperband has no trial
-    limit of its own and no tuner has a time limit, so the oracle's ``create_trial`` is wrapped here.
-    """
-    oracle = tuner.oracle
-    create_trial = oracle.create_trial
-    started = time.monotonic()
-
-    def limited_create_trial(tuner_id):
-        finished = [t for t in oracle.trials.values() if t.status != kt.engine.trial.TrialStatus.RUNNING]
-        out_of_time = minutes is not None and time.monotonic() - started >= minutes * 60
-        if len(finished) >= max_trials or out_of_time:
-            return kt.engine.trial.Trial(oracle.get_space(), status=kt.engine.trial.TrialStatus.STOPPED)
-        return create_trial(tuner_id)
-
-    oracle.create_trial = limited_create_trial
-
-
+# ----------------------------------------------------------------------------------------------------
+# Validation splits of the training slices
+# ----------------------------------------------------------------------------------------------------
 def validation_indices(config: Config) -> tuple[np.ndarray, np.ndarray]:
     """Split the training slices into search-train and validation parts, grouped by volume like preload."""
     slices = read_manifest(config.preloaded_dir)["splits"]["train"]["slices"]
@@ -135,18 +198,244 @@ def validation_indices(config: Config) -> tuple[np.ndarray, np.ndarray]:
                             config.tune.validation_fraction, config.seed)
 
 
-def trials_table(tuner: kt.Tuner, trial_seconds: dict) -> pd.DataFrame:
+def search_folds(config: Config) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, validation) indices into the training slices, one pair per fold.
+
+    ``tune.folds = 1``: the single split of ``validation_indices``. ``tune.folds = k``: k stratified
+    group folds (no patient/volume in two folds), built like preload's split: inputs sorted by id first,
+    so the folds depend only on the ids and the seed.
+    """
+    if config.tune.folds == 1:
+        return [validation_indices(config)]
+    slices = read_manifest(config.preloaded_dir)["splits"]["train"]["slices"]
+    ids = np.asarray([s["id"] for s in slices])
+    order = np.argsort(ids, kind="stable")
+    groups = np.asarray([s["volume_id"] for s in slices])[order]
+    strata = np.asarray([s["labels"] != [0] for s in slices], dtype=int)[order]
+    num_groups = len(np.unique(groups))
+    if num_groups < config.tune.folds:
+        raise ConfigError(f"tune.folds={config.tune.folds} needs at least that many patients/volumes in the "
+                          f"training split; it has {num_groups}")
+    splitter = StratifiedGroupKFold(n_splits=config.tune.folds, shuffle=True, random_state=config.seed)
+    with warnings.catch_warnings():
+        # Warns when a stratum has fewer members than folds; the folds are still valid, just less balanced.
+        warnings.simplefilter("ignore", UserWarning)
+        return [(np.sort(order[train]), np.sort(order[validation]))
+                for train, validation in splitter.split(np.zeros(len(ids)), strata, groups)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The hypermodel and the tuners
+# ----------------------------------------------------------------------------------------------------
+def windowed_dataset(slices: SliceSet, window: tuple[float, float], num_classes: int, batch_size: int, *,
+                     augmentation=None, shuffle: bool = False, seed: int = 0) -> tf.data.Dataset:
+    """Like ``make_dataset``, with images recomputed from the raw intensities through a CT window."""
+    low, high = (float(v) for v in window)
+    dataset = tf.data.Dataset.from_tensor_slices((slices.hu_images[..., np.newaxis].astype(np.float32),
+                                                  slices.masks.astype(np.int32)))
+    # Preload's ct_window normalisation: clip to the window, then scale it to 0..1.
+    dataset = dataset.map(lambda raw, mask: ((tf.clip_by_value(raw, low, high) - low) / (high - low), mask),
+                          num_parallel_calls=AUTOTUNE)
+    if shuffle:
+        dataset = dataset.shuffle(min(len(slices), 2048), seed=seed, reshuffle_each_iteration=True)
+    if augmentation is not None:
+        dataset = dataset.map(make_augmenter(augmentation, seed), num_parallel_calls=AUTOTUNE)
+    dataset = dataset.map(lambda image, mask: (image, tf.one_hot(mask, num_classes, dtype=tf.float32)),
+                          num_parallel_calls=AUTOTUNE)
+    return dataset.batch(batch_size).prefetch(AUTOTUNE)
+
+
+class SegmentationHyperModel(kt.HyperModel):
+    """Builds a compiled model and its (possibly augmented) input pipeline from one trial's values."""
+
+    def __init__(self, config: Config, input_shape, folds: list[tuple[np.ndarray, np.ndarray]]):
+        super().__init__(name="segmentation")
+        self.config = config
+        self.input_shape = input_shape
+        self.folds = folds
+        self.space = search_space(config)
+        self._train_slices: Optional[SliceSet] = None
+
+    def _settings(self, hp: kt.HyperParameters) -> TrainConfig:
+        values = {name: declare(hp, name, spec) for name, spec in self.space.items()}
+        return apply_hyperparameters(self.config.train, values)
+
+    def build(self, hp):
+        settings = self._settings(hp)
+        try:
+            return build_compiled_model(settings, self.input_shape, self.config.classes)
+        except ValueError as error:
+            # A combination the architecture cannot build (e.g. depth too large for the image size):
+            # fail this trial without retrying it, and go on with the search.
+            raise kt.errors.FailedTrialError(f"cannot build {settings.model.architecture}: {error}") from error
+
+    def _dataset(self, settings: TrainConfig, hp: kt.HyperParameters, indices: np.ndarray, training: bool):
+        config = self.config
+        augmentation = settings.augmentation if training else None
+        if WINDOW in self.space:
+            if self._train_slices is None:
+                self._train_slices = load_split(config.preloaded_dir, "train")
+            return windowed_dataset(self._train_slices.subset(indices), parse_window(hp.get(WINDOW)),
+                                    config.num_classes, settings.batch_size, augmentation=augmentation,
+                                    shuffle=training, seed=config.seed)
+        dataset, _ = make_dataset(config.preloaded_dir, "train", config.num_classes, settings.batch_size,
+                                  augmentation=augmentation, shuffle=training, seed=config.seed, subset=indices)
+        return dataset
+
+    def fit(self, hp, model, *args, fold: int = 0, **kwargs):
+        """Train on fold ``fold``'s training part and validate on its validation part."""
+        settings = self._settings(hp)
+        train_indices, validation_indices_ = self.folds[fold]
+        return model.fit(self._dataset(settings, hp, train_indices, training=True),
+                         validation_data=self._dataset(settings, hp, validation_indices_, training=False),
+                         shuffle=False, verbose=2, **kwargs)  # The datasets shuffle themselves.
+
+
+class CrossValidatedTuner(kt.Tuner):
+    """Runs each trial once per fold of the hypermodel and reports the mean of the fold scores.
+
+    Mixed in after a keras-tuner tuner class (``class T(kt.Hyperband, CrossValidatedTuner)``), so that
+    the tuner's own ``run_trial`` (Hyperband's sets the epochs) ends up here instead of in
+    ``kt.Tuner.run_trial``, which this one follows: fresh model per run, TensorBoard and HParams logs,
+    best-epoch checkpoint. Each fold keeps its own checkpoint, so Hyperband continues a fold's model from
+    the same fold's model of the earlier round. Besides the objective (the mean over folds and executions
+    of each model's best epoch) a trial reports ``<objective>_fold<k>`` per fold when there are several,
+    ``epochs`` (epochs the models reached) and ``seconds`` (the trial's wall-clock time); keras-tuner keeps
+    them in its trial files, so they survive a resumed search and reach the chief of a distributed one.
+
+    Uses keras-tuner 1.4 internals (``_build_and_fit_model``, ``_configure_tensorboard_dir``,
+    ``_get_checkpoint_fname``), hence the ``<1.5`` pin in pyproject.toml.
+    """
+
+    _fold = 0
+
+    def run_trial(self, trial, *args, **kwargs):
+        started = time.monotonic()
+        objective = self.oracle.objective
+        original_callbacks = kwargs.pop("callbacks", [])
+        num_folds = len(self.hypermodel.folds)
+        best_epoch_metrics, fold_scores, epochs = [], [[] for _ in range(num_folds)], []
+        try:
+            for fold in range(num_folds):
+                self._fold = fold
+                checkpoint = tuner_utils.SaveBestEpoch(objective, self._get_checkpoint_fname(trial.trial_id))
+                for execution in range(self.executions_per_trial):
+                    callbacks = self._deepcopy_callbacks(original_callbacks)
+                    self._configure_tensorboard_dir(callbacks, trial, execution)
+                    callbacks += [tuner_utils.TunerCallback(self, trial), checkpoint]
+                    history = self._build_and_fit_model(trial, *args, fold=fold, callbacks=callbacks, **kwargs)
+                    metrics = tuner_utils.convert_to_metrics_dict(history, objective)
+                    best_epoch_metrics.append(metrics)
+                    fold_scores[fold].append(metrics[objective.name])
+                    epochs.append(history.epoch[-1] + 1 if history.epoch else kwargs.get("initial_epoch", 0))
+        finally:
+            self._fold = 0
+        report = {name: float(value) for name, value in tuner_utils.average_metrics_dicts(best_epoch_metrics).items()}
+        if num_folds > 1:
+            report.update({f"{objective.name}_fold{fold}": float(np.mean(scores))
+                           for fold, scores in enumerate(fold_scores)})
+        report["epochs"] = max(epochs)
+        report["seconds"] = time.monotonic() - started
+        return report
+
+    def _get_checkpoint_fname(self, trial_id):
+        name = "checkpoint.weights.h5" if self._fold == 0 else f"checkpoint_fold{self._fold}.weights.h5"
+        return os.path.join(self.get_trial_dir(trial_id), name)
+
+    def _get_tensorboard_dir(self, logdir, trial_id, execution):
+        run = f"execution{execution}" if len(self.hypermodel.folds) == 1 else f"fold{self._fold}_execution{execution}"
+        return os.path.join(str(logdir), str(trial_id), run)
+
+
+class HyperbandSearch(kt.Hyperband, CrossValidatedTuner):
+    pass
+
+
+class RandomSearch(kt.RandomSearch, CrossValidatedTuner):
+    pass
+
+
+class BayesianSearch(kt.BayesianOptimization, CrossValidatedTuner):
+    pass
+
+
+TUNERS = {"hyperband": HyperbandSearch, "random": RandomSearch, "bayesian": BayesianSearch}
+
+
+def make_tuner(config: Config, hypermodel: SegmentationHyperModel, directory: Path, overwrite: bool) -> kt.Tuner:
+    tune = config.tune
+    # keras-tuner cannot infer whether a custom metric should go up or down: say so explicitly.
+    objective = kt.Objective(f"val_{OBJECTIVE}", direction="max")
+    common = dict(objective=objective, directory=str(directory), project_name="keras_tuner", overwrite=overwrite,
+                  seed=config.seed, executions_per_trial=tune.executions_per_trial)
+    tuner_class = TUNERS[tune.tuner]
+    if tuner_class is HyperbandSearch:
+        tuner = tuner_class(hypermodel, max_epochs=tune.max_epochs, factor=3, **common)
+    else:
+        tuner = tuner_class(hypermodel, max_trials=tune.max_trials, **common)
+    if distributed_role() != "worker":  # A worker's oracle is a client of the chief's, which keeps the limits.
+        _limit_trials(tuner.oracle, tune.max_trials, tune.time_budget_minutes)
+    return tuner
+
+
+def _limit_trials(oracle: kt.Oracle, max_trials: int, minutes: Optional[float]) -> None:
+    """End the search cleanly after ``max_trials`` trials or when the wall-clock budget is spent.
+
+    keras-tuner's search loop stops when its oracle hands out a STOPPED trial; Hyperband has no trial
+    limit of its own and no tuner has a time limit, so the oracle's ``create_trial`` is wrapped here. A
+    trial interrupted in an earlier run (waiting in the retry queue) still runs when the search resumes.
+    """
+    create_trial = oracle.create_trial
+    started = time.monotonic()
+
+    def limited_create_trial(tuner_id):
+        retries_pending = bool(getattr(oracle, "_retry_queue", []))
+        out_of_trials = len(oracle.trials) >= max_trials and not retries_pending
+        out_of_time = minutes is not None and time.monotonic() - started >= minutes * 60
+        if out_of_trials or out_of_time:
+            # As the oracle's own create_trial does: a tuner told to stop is no longer waited for (the
+            # chief of a distributed search ends when none is left).
+            oracle.tuner_ids.discard(tuner_id)
+            return kt.engine.trial.Trial(oracle.get_space(), status=kt.engine.trial.TrialStatus.STOPPED)
+        return create_trial(tuner_id)
+
+    oracle.create_trial = limited_create_trial
+
+
+def distributed_role() -> Optional[str]:
+    """"chief", "worker" or None (not distributed), by keras-tuner's rules for its environment variables."""
+    if "KERASTUNER_ORACLE_IP" not in os.environ:
+        return None
+    missing = [name for name in ("KERASTUNER_ORACLE_PORT", "KERASTUNER_TUNER_ID") if name not in os.environ]
+    if missing:
+        raise ConfigError(f"KERASTUNER_ORACLE_IP is set but {' and '.join(missing)} not: a distributed search "
+                          "needs all three")
+    return "chief" if "chief" in os.environ["KERASTUNER_TUNER_ID"] else "worker"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Summaries
+# ----------------------------------------------------------------------------------------------------
+def _metric(trial, name: str):
+    return trial.metrics.get_best_value(name) if trial.metrics.exists(name) else None
+
+
+def trials_table(oracle: kt.Oracle) -> pd.DataFrame:
+    """One row per trial in the order they started: values, objective (and per fold), epochs, seconds."""
+    order = list(oracle.start_order) + sorted(set(oracle.trials) - set(oracle.start_order))
     rows = []
-    for trial_id, trial in sorted(tuner.oracle.trials.items()):
+    for trial_id in order:
+        trial = oracle.trials[trial_id]
         values = dict(trial.hyperparameters.values)
-        epochs = values.pop("tuner/epochs", None)
-        for internal in [k for k in values if k.startswith("tuner/")]:
-            values.pop(internal)
-        history = trial.metrics.get_history(f"val_{OBJECTIVE}") if trial.metrics.exists(f"val_{OBJECTIVE}") else []
+        hyperband_epochs = values.get("tuner/epochs")
+        values = {k: v for k, v in values.items() if not k.startswith("tuner/")}
+        folds = {name: _metric(trial, name) for name in sorted(trial.metrics.metrics)
+                 if name.startswith(f"val_{OBJECTIVE}_fold")}
+        epochs = _metric(trial, "epochs")
         rows.append({"trial_id": trial_id, "status": str(trial.status), **values,
-                     f"val_{OBJECTIVE}": trial.score,
-                     "epochs": epochs if epochs is not None else (len(history) or None),
-                     "seconds": trial_seconds.get(trial_id)})
+                     f"val_{OBJECTIVE}": trial.score, **folds,
+                     "epochs": int(epochs) if epochs is not None else hyperband_epochs,
+                     "seconds": _metric(trial, "seconds")})
     return pd.DataFrame(rows)
 
 
@@ -184,70 +473,90 @@ def objective_figure(table: pd.DataFrame, names: list[str], path: Path) -> Path:
     return path
 
 
-class _TrialTimer(keras.callbacks.Callback):
-    """Adds each trial's training seconds to ``trial_seconds.json`` (kept across resumed searches)."""
-
-    def __init__(self, path: Path):
-        super().__init__()
-        self.path = Path(path)
-
-    def on_train_begin(self, logs=None):
-        self.started = time.monotonic()
-
-    def on_train_end(self, logs=None):
-        log_dir = getattr(self, "trial_id", None)
-        times = read_json(self.path) if self.path.is_file() else {}
-        times[log_dir or str(len(times))] = times.get(log_dir, 0.0) + time.monotonic() - self.started
-        write_json_atomic(times, self.path)
-
-
 @dataclasses.dataclass
 class TuneResult:
     output_dir: Path
     num_trials: int
     best_score: float
     best_values: dict
+    folds: int = 1
 
     def __str__(self) -> str:
         shown = ", ".join(f"{k}={v}" for k, v in self.best_values.items() if not k.startswith("tuner/"))
-        return (f"Searched {self.num_trials} trials; best validation {OBJECTIVE} {self.best_score:.4f} with {shown}\n"
-                f"{self.output_dir / 'best_hyperparameters.json'}")
+        scored_on = "validation" if self.folds == 1 else f"mean {self.folds}-fold validation"
+        text = f"Searched {self.num_trials} trials; best {scored_on} {OBJECTIVE} {self.best_score:.4f} with {shown}\n"
+        if WINDOW in self.best_values:
+            text += (f"The train stage does not apply {WINDOW}: set preload.normalization.window = "
+                     f"[{self.best_values[WINDOW]}] (method ct_window) and run preload again.\n")
+        return text + str(self.output_dir / "best_hyperparameters.json")
 
 
-def run_search(config: Config, overwrite: bool = False) -> TuneResult:
-    """Run (or resume) the search and write the tune stage's artifacts."""
+@dataclasses.dataclass
+class WorkerResult:
+    output_dir: Path
+    tuner_id: str
+    trial_ids: list
+
+    def __str__(self) -> str:
+        return (f"Worker {self.tuner_id} ran trials {', '.join(self.trial_ids) or '(none)'}; the chief writes "
+                f"the summary files in {self.output_dir}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The stage
+# ----------------------------------------------------------------------------------------------------
+def run_search(config: Config, overwrite: bool = False) -> Union[TuneResult, WorkerResult]:
+    """Run (or resume) the search and write the tune stage's artifacts.
+
+    In a distributed search (see the module docstring) the chief serves the oracle until the workers have
+    finished, then writes the summaries; a worker runs trials and writes none (it never deletes anything,
+    even with ``overwrite``: start the chief first).
+    """
+    role = distributed_role()
+    validate_search_space(config)
     manifest = read_manifest(config.preloaded_dir)
     out_dir = config.stage_dir("tune")
-    if overwrite and out_dir.exists():
+    if overwrite and role == "worker":
+        print("--overwrite is ignored on a worker: the chief starts the search afresh")
+    elif overwrite and out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_resolved_config(config, config.experiment_dir)
-    save_resolved_config(config, out_dir)
     keras.utils.set_random_seed(config.seed)
 
-    train_indices, val_indices = validation_indices(config)
-    slices = manifest["splits"]["train"]["slices"]
-    write_json_atomic({"train": [slices[i]["id"] for i in train_indices],
-                       "validation": [slices[i]["id"] for i in val_indices]}, out_dir / "validation_split.json")
+    folds = search_folds(config)
+    if role != "worker":
+        save_resolved_config(config, config.experiment_dir)
+        save_resolved_config(config, out_dir)
+        slices = manifest["splits"]["train"]["slices"]
+        parts = [{"train": [slices[i]["id"] for i in train], "validation": [slices[i]["id"] for i in validation]}
+                 for train, validation in folds]
+        write_json_atomic(parts[0] if len(parts) == 1 else {"folds": parts}, out_dir / "validation_split.json")
     input_shape = (*manifest["image_size"], manifest["channels"])
-    hypermodel = SegmentationHyperModel(config, input_shape, train_indices, val_indices)
+    hypermodel = SegmentationHyperModel(config, input_shape, folds)
     tuner = make_tuner(config, hypermodel, out_dir, overwrite=False)
+    if role != "worker" and tuner.oracle.trials:
+        finished = sum(t.status != kt.engine.trial.TrialStatus.RUNNING for t in tuner.oracle.trials.values())
+        print(f"Resuming the search in {out_dir / 'keras_tuner'}: {finished} trials finished earlier")
+    if role == "chief":
+        print(f"Serving the search's oracle on {os.environ['KERASTUNER_ORACLE_IP']}:"
+              f"{os.environ['KERASTUNER_ORACLE_PORT']} until the workers have run its trials")
 
-    seconds_path = out_dir / "trial_seconds.json"
-    timer = _TrialTimer(seconds_path)
     callbacks = [keras.callbacks.TensorBoard(log_dir=str(out_dir / "tensorboard"), write_graph=False),
-                 TimeBudget(config.tune.time_budget_minutes), timer]
-    # The timer needs the trial id: keras-tuner gives callbacks none, so take it from on_trial_begin.
+                 TimeBudget(config.tune.time_budget_minutes)]
+    trial_ids = []
     original_on_trial_begin = tuner.on_trial_begin
 
     def on_trial_begin(trial):
-        timer.trial_id = trial.trial_id
+        trial_ids.append(trial.trial_id)
         original_on_trial_begin(trial)
 
     tuner.on_trial_begin = on_trial_begin
+    # On the chief this serves the oracle until the workers are done; elsewhere it runs trials.
     tuner.search(epochs=config.tune.max_epochs, callbacks=callbacks)
+    if role == "worker":
+        return WorkerResult(out_dir, tuner.tuner_id, trial_ids)
 
-    table = trials_table(tuner, read_json(seconds_path) if seconds_path.is_file() else {})
+    table = trials_table(tuner.oracle)
     write_text_atomic(table.to_csv(index=False), out_dir / "trials.csv")
     best_trials = tuner.oracle.get_best_trials(1)
     if not best_trials or best_trials[0].score is None:
@@ -255,6 +564,7 @@ def run_search(config: Config, overwrite: bool = False) -> TuneResult:
     best = best_trials[0]
     values = {k: v for k, v in best.hyperparameters.values.items() if not k.startswith("tuner/")}
     write_json_atomic({"objective": f"val_{OBJECTIVE}", "direction": "max", "score": best.score,
-                       "trial_id": best.trial_id, "values": values}, out_dir / "best_hyperparameters.json")
+                       "folds": config.tune.folds, "trial_id": best.trial_id, "values": values},
+                      out_dir / "best_hyperparameters.json")
     objective_figure(table, list(search_space(config)), out_dir / "objective_vs_hyperparameters.png")
-    return TuneResult(out_dir, len(table), float(best.score), values)
+    return TuneResult(out_dir, len(table), float(best.score), values, config.tune.folds)
