@@ -93,8 +93,11 @@ CONFIG = {
         # (whole patients/volumes) and is scored by the mean of their k validation scores; k times slower.
         "folds": 1,
         "executions_per_trial": 1,
-        # Replaces entries of segmenter.tuning.DEFAULT_SEARCH_SPACE by name: a list is a choice, a dict
-        # {"min", "max", "step", "sampling"} a range, a single value fixes it. E.g. {"base_filters": [16, 32]}.
+        # Replaces entries of segmenter.tuning.DEFAULT_SEARCH_SPACE (where every searchable name is listed)
+        # by name: a list is a choice, a dict {"min", "max", "step", "sampling"} a range, a single value
+        # fixes it, None drops it (the train section's value is used). Any field of train, train.model or
+        # train.augmentation can be searched, plus "ct_window" (a list of [low, high] HU windows).
+        # E.g. {"architecture": ["unet", "attention_unet"], "base_filters": [16, 32], "rotation_degrees": [0, 10]}.
         "search_space": {},
     },
     # ------------------------------------------------------------------------------------------------
