@@ -252,10 +252,8 @@ def bland_altman_figure(table: pd.DataFrame, quantity: str, path: Path, *, unit:
     figure, axes = _class_panels(len(class_order))
     label = f"{QUANTITIES[quantity]} ({unit})"
     for axis, name in zip(axes, class_order):
-        rows = table[table["class"] == name]
-        truth, pred = rows[true_values].to_numpy(float), rows[pred_values].to_numpy(float)
-        defined = ~(np.isnan(truth) | np.isnan(pred))
-        mean, difference = (truth[defined] + pred[defined]) / 2, pred[defined] - truth[defined]
+        truth, pred, defined = _defined_values(table, name, true_values, pred_values)
+        mean, difference = (truth + pred) / 2, pred - truth
         axis.scatter(mean, difference, s=14, alpha=0.7, color="#0b3c5d")
         if difference.size:
             bias = difference.mean()
@@ -284,10 +282,7 @@ def correlation_figure(table: pd.DataFrame, quantity: str, path: Path, *, unit: 
     figure, axes = _class_panels(len(class_order))
     label = f"{QUANTITIES[quantity]} ({unit})"
     for axis, name in zip(axes, class_order):
-        rows = table[table["class"] == name]
-        truth, pred = rows[true_values].to_numpy(float), rows[pred_values].to_numpy(float)
-        defined = ~(np.isnan(truth) | np.isnan(pred))
-        truth, pred = truth[defined], pred[defined]
+        truth, pred, defined = _defined_values(table, name, true_values, pred_values)
         axis.scatter(truth, pred, s=14, alpha=0.7, color="#0b3c5d")
         if truth.size:
             low, high = min(truth.min(), pred.min()), max(truth.max(), pred.max())
@@ -391,6 +386,14 @@ def _quantity_columns(table: pd.DataFrame, quantity: str, unit: Optional[str]) -
         else:
             unit = "raw image units, HU for CT"
     return f"{quantity}_true", f"{quantity}_pred", unit
+
+
+def _defined_values(table: pd.DataFrame, class_name: str, true_column: str, pred_column: str):
+    """True and predicted values of one class where both are defined, and the mask of which were."""
+    rows = table[table["class"] == class_name]
+    truth, pred = rows[true_column].to_numpy(float), rows[pred_column].to_numpy(float)
+    defined = ~(np.isnan(truth) | np.isnan(pred))
+    return truth[defined], pred[defined], defined
 
 
 def _class_panels(count: int) -> tuple[Figure, np.ndarray]:

@@ -27,7 +27,7 @@ from segmenter.artifacts import atomic_directory, write_json_atomic, write_text_
 from segmenter.errors import InputError
 from segmenter.evaluation import figures
 from segmenter.evaluation.report import write_report
-from segmenter.evaluation.tables import distance_unit, metrics_table, summarize
+from segmenter.evaluation.tables import distance_unit, metrics_table, summarize, summary_lines
 from segmenter.io import LoadedImage, list_cases, read_mask
 from segmenter.io.grid import map_labels_to_grid
 
@@ -55,11 +55,7 @@ class FolderEvaluation:
     notes: list[str]
 
     def __str__(self) -> str:
-        unit = self.summary.get("distance_unit", "")
-        lines = [f"Evaluated {self.summary['n_images']} mask pairs ({self.output_dir}):"]
-        for name, stats in self.summary["classes"].items():
-            lines.append(f"  {name}: Dice {_fmt(stats.get('dice_mean'))}, HD95 {_fmt(stats.get('hd95_mean'))} "
-                         f"{unit}, ASSD {_fmt(stats.get('assd_mean'))} {unit}")
+        lines = [f"Evaluated {self.summary['n_images']} mask pairs ({self.output_dir}):", *summary_lines(self.summary)]
         lines.extend(f"Note: {note}" for note in self.notes)
         lines.append(str(self.output_dir / "report.html"))
         return "\n".join(lines)
@@ -378,6 +374,3 @@ def _unmatched_text(pairs: MaskPairs) -> str:
 def _file_safe(name: str) -> str:
     return "".join(character if character.isalnum() or character in "-_" else "_" for character in name)
 
-
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.3f}"

@@ -18,7 +18,7 @@ from segmenter.config import Config
 from segmenter.dataset import SliceSet, load_split, read_manifest
 from segmenter.evaluation import figures
 from segmenter.evaluation.report import write_report
-from segmenter.evaluation.tables import distance_unit, metrics_table, summarize
+from segmenter.evaluation.tables import distance_unit, metrics_table, summarize, summary_lines
 
 DISTRIBUTION_METRICS = ("dice", "iou", "hd95", "assd", "nsd")
 
@@ -29,17 +29,8 @@ class EvaluateResult:
     summary: dict
 
     def __str__(self) -> str:
-        unit = self.summary.get("distance_unit", "")
-        lines = [f"Evaluated {self.summary['n_images']} test images ({self.output_dir}):"]
-        for name, stats in self.summary["classes"].items():
-            lines.append(f"  {name}: Dice {_fmt(stats.get('dice_mean'))}, HD95 {_fmt(stats.get('hd95_mean'))} {unit}, "
-                         f"ASSD {_fmt(stats.get('assd_mean'))} {unit}")
-        lines.append(str(self.output_dir / "report.html"))
-        return "\n".join(lines)
-
-
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+        lines = [f"Evaluated {self.summary['n_images']} test images ({self.output_dir}):", *summary_lines(self.summary)]
+        return "\n".join([*lines, str(self.output_dir / "report.html")])
 
 
 def _spacing_or_none(spacing: np.ndarray) -> Optional[tuple]:

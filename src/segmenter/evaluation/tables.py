@@ -269,3 +269,14 @@ def _json_float(value: float) -> Optional[float]:
     value = float(value)
     return value if math.isfinite(value) else None
 
+
+def summary_lines(summary: dict) -> list[str]:
+    """One printed line per class: mean Dice, HD95 and ASSD with the distance unit."""
+    unit = summary.get("distance_unit", "")
+
+    def shown(value) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    return [f"  {name}: Dice {shown(stats.get('dice_mean'))}, HD95 {shown(stats.get('hd95_mean'))} {unit}, "
+            f"ASSD {shown(stats.get('assd_mean'))} {unit}" for name, stats in summary["classes"].items()]
+
