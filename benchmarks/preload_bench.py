@@ -114,8 +114,8 @@ def generate_slices(folder: Path, count: int, distinct: int, seed: int = 0) -> l
 
     (folder / "images").mkdir(parents=True, exist_ok=True)
     (folder / "masks").mkdir(parents=True, exist_ok=True)
-    width = len(str(count - 1))
-    ids = [f"l3_{index:0{width}d}" for index in range(count)]
+    # A fixed width, so that data generated for a smaller size is reused, not duplicated under other names.
+    ids = [f"l3_{index:06d}" for index in range(count)]
     for index, case in enumerate(ids):
         image_path, mask_path = folder / "images" / f"{case}.csv", folder / "masks" / f"{case}.csv"
         if image_path.exists() and mask_path.exists():
@@ -134,13 +134,12 @@ def generate_slices(folder: Path, count: int, distinct: int, seed: int = 0) -> l
 
 
 def link_subset(source: Path, target: Path, ids: list[str]) -> Path:
-    """A folder of symbolic links to the pairs ``ids`` of ``source``."""
+    """A new folder of symbolic links to the pairs ``ids`` of ``source``."""
+    shutil.rmtree(target, ignore_errors=True)
     for kind in ("images", "masks"):
-        (target / kind).mkdir(parents=True, exist_ok=True)
+        (target / kind).mkdir(parents=True)
         for case in ids:
-            link = target / kind / f"{case}.csv"
-            if not link.exists():
-                link.symlink_to(source / kind / f"{case}.csv")
+            (target / kind / f"{case}.csv").symlink_to(source / kind / f"{case}.csv")
     return target
 
 
@@ -177,7 +176,7 @@ def main() -> None:
 
     work = args.data_dir or Path(tempfile.mkdtemp(prefix="preload_bench_"))
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO_ROOT / "src")}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     figures = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
         "command": f"python -m stages.preload --config <generated> --overwrite (preload.workers={args.workers}, "
@@ -195,6 +194,10 @@ def main() -> None:
             result, seconds, peak = run_measured(command, env)
             if result.returncode != 0:
                 sys.exit(f"preload of {size} slices failed:\n{result.stderr[-3000:]}")
+            manifest = json.loads((work / "preloaded" / "preload_bench" / "manifest.json").read_text())
+            preloaded = sum(split["num_slices"] for split in manifest["splits"].values())
+            if preloaded != size:
+                sys.exit(f"preloaded {preloaded} slices, expected {size}")
             figures["sizes"][str(size)] = {"slices_per_s": round(size / seconds, 1), "peak_rss_mb": round(peak, 1),
                                            "seconds": round(seconds, 1)}
             print(f"{size} slices: {seconds:.1f} s, {size / seconds:.1f} slices/s, peak RSS {peak:.0f} MB "

@@ -1,18 +1,24 @@
 """Preload: original dataset -> validated, normalised, resized, split slices in ``preloaded_dataset/<experiment>/``.
 
 The work per image/mask pair (read, validate, remap labels, cut volumes into slices, normalise, resize)
-runs in worker processes; the main process writes each finished slice to a scratch file at once, so
-memory does not grow with the number of slices. After the seeded split the slices are packed into shards
-(``train.npz``, or ``train-00000.npz``, ... for large splits) inside a temporary folder that replaces the
-output folder only when everything succeeded.
+runs in worker processes, which also compute the sha256 of large datasets for the up-to-date check. The main
+process appends each finished slice to three raw scratch files (images, intensities, masks) at once and keeps
+only its small record, so memory does not grow with the number of slices. After the seeded split the slices
+are copied one at a time from the scratch files into shards (``train.npz``, or ``train-00000.npz``, ... for
+large splits) inside a temporary folder that replaces the output folder only when everything succeeded.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import multiprocessing
+import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -22,11 +28,18 @@ from tqdm import tqdm
 from segmenter import io
 from segmenter.artifacts import atomic_directory, read_json, sha256_of_file, write_json_atomic
 from segmenter.config import Config
-from segmenter.dataset import SliceSet, save_shard
 from segmenter.errors import InputError
 from segmenter.preprocessing import normalize, resize_image, resize_mask, resized_spacing, split_train_test
 
 MANIFEST_VERSION = 1
+
+# Source labels up to this value are remapped through a lookup table (see remap_labels).
+_MAX_TABLE_LABEL = 65535
+# Sources larger than this in total are hashed by the worker processes in parallel; below it starting the
+# workers (about a second each, they are spawned) costs more than it saves.
+_PARALLEL_HASH_BYTES = 256 * 2**20
+# The scratch arrays of one finished slice, with their data types; shapes follow preload.image_size.
+_SCRATCH_FIELDS = {"image": np.float32, "hu_image": np.float32, "mask": np.uint8}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,11 +124,22 @@ def remap_labels(mask: np.ndarray, label_map: dict, unmapped: str, num_classes: 
     if outside:
         raise InputError(path, f"mask has labels {outside} outside the configured classes 0..{num_classes - 1} "
                                "(map them with preload.label_map)")
+    if values.size and 0 <= values[0] and values[-1] <= _MAX_TABLE_LABEL:
+        # One pass through a lookup table instead of one comparison pass per label.
+        table = np.zeros(int(values[-1]) + 1, dtype=np.uint8)
+        for source, target in lookup.items():
+            table[source] = target
+        return table[mask]
     remapped = np.zeros(mask.shape, dtype=np.uint8)
     for source, target in lookup.items():
         if target:
             remapped[mask == source] = target
     return remapped
+
+
+def _labels_present(mask: np.ndarray) -> set[int]:
+    """The labels of a remapped (uint8) mask; a histogram is several times faster than np.unique."""
+    return set(np.flatnonzero(np.bincount(mask.ravel(), minlength=1)).tolist())
 
 
 def _slices_of(image, mask, axis: int):
@@ -145,14 +169,17 @@ def process_pair(pair: CasePair, config: Config) -> list[dict]:
     labels = remap_labels(mask.array, settings.label_map, settings.unmapped_labels, config.num_classes, pair.mask_path)
     mask = dataclasses.replace(mask, array=labels)
     records = []
+    shape = tuple(settings.image_size)
     for slice_index, image2d, mask2d, spacing in _slices_of(image, mask, settings.slice_axis):
-        present = set(np.unique(mask2d).tolist())
+        # The filters and the manifest's labels describe the stored (resized) mask: shrinking can lose a
+        # structure of a few pixels, and a slice kept for it would then be all background.
+        resized_mask = resize_mask(mask2d, shape)
+        present = _labels_present(resized_mask)
         if settings.require_labels and not set(settings.require_labels) <= present:
             continue
         if not settings.keep_empty_slices and present == {0}:
             continue
-        shape = tuple(settings.image_size)
-        raw = resize_image(image2d.astype(np.float32), shape)
+        raw = resize_image(np.asarray(image2d, dtype=np.float32), shape)
         normalised = resize_image(normalize(image2d, settings.normalization), shape)
         records.append({
             "id": pair.case_id if slice_index < 0 else f"{pair.case_id}_s{slice_index:04d}",
@@ -165,16 +192,24 @@ def process_pair(pair: CasePair, config: Config) -> list[dict]:
             "labels": sorted(int(v) for v in present),
             "image": normalised[..., np.newaxis],
             "hu_image": raw,
-            "mask": resize_mask(mask2d, shape),
+            "mask": resized_mask,
         })
     return records
 
 
-def _worker(args):
-    pair, config_json = args
-    config = Config.model_validate_json(config_json)
+# Set in each worker process by _init_worker, so the config crosses the process boundary once, not per job.
+_worker_config: Optional[Config] = None
+
+
+def _init_worker(config_json: str) -> None:
+    global _worker_config
+    _worker_config = Config.model_validate_json(config_json)
+
+
+def _pair_job(pair: CasePair, config: Optional[Config] = None):
+    """(pair, records, None), or (pair, None, one-line error): errors cross processes as text."""
     try:
-        return pair, process_pair(pair, config), None
+        return pair, process_pair(pair, config or _worker_config), None
     except InputError as error:
         return pair, None, str(error)
     except Exception as error:  # An unexpected failure in a reader still names the file.
@@ -187,12 +222,23 @@ def _worker(args):
 def source_digest(path: Path) -> str:
     """sha256 of a file, or of a DICOM series folder (its files' digests, in name order)."""
     path = Path(path)
-    if path.is_dir():
-        digest = hashlib.sha256()
-        for child in sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")):
-            digest.update(sha256_of_file(child).encode())
-        return digest.hexdigest()
-    return sha256_of_file(path)
+    try:
+        if path.is_dir():
+            digest = hashlib.sha256()
+            for child in sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")):
+                digest.update(sha256_of_file(child).encode())
+            return digest.hexdigest()
+        return sha256_of_file(path)
+    except OSError as error:
+        raise InputError(path, f"cannot read: {error.strerror or error}") from None
+
+
+def _digest_job(path: str):
+    """(digest, None) or (None, one-line error), for a worker process."""
+    try:
+        return source_digest(Path(path)), None
+    except InputError as error:
+        return None, str(error)
 
 
 def _fingerprint(config: Config, source_hashes: dict) -> str:
@@ -202,120 +248,257 @@ def _fingerprint(config: Config, source_hashes: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _hash_sources(pairs: list[CasePair]) -> dict:
-    paths = sorted({str(p) for pair in pairs for p in (pair.image_path, pair.mask_path)})
-    return {path: source_digest(Path(path)) for path in paths}
+def _source_paths(pairs: list[CasePair]) -> list[str]:
+    return sorted({str(p) for pair in pairs for p in (pair.image_path, pair.mask_path)})
+
+
+def _total_bytes(paths: list[str]) -> int:
+    total = 0
+    for path in map(Path, paths):
+        try:
+            total += sum(child.stat().st_size for child in path.iterdir()) if path.is_dir() else path.stat().st_size
+        except OSError:
+            pass  # source_digest names the file
+    return total
+
+
+def _hash_sources(pairs: list[CasePair], workers: Optional["_Workers"] = None) -> dict:
+    """path -> sha256 of every source, hashed by the worker processes when they are worth starting."""
+    paths = _source_paths(pairs)
+    if workers is not None and workers.parallel and _total_bytes(paths) > _PARALLEL_HASH_BYTES:
+        results = workers.map(_digest_job, paths, ordered=True, chunksize=8)
+    else:
+        results = map(_digest_job, paths)
+    hashes = {}
+    for path, (digest, error) in zip(paths, results):
+        if error:
+            raise InputError(None, error)
+        hashes[path] = digest
+    return hashes
+
+
+# ----------------------------------------------------------------------------------------------------
+# Worker processes, scratch files and shards
+# ----------------------------------------------------------------------------------------------------
+class _Workers:
+    """A process pool started on first use (hashing or preprocessing) and shared by both; or none at all."""
+
+    def __init__(self, config: Config, num_pairs: int):
+        self.config = config
+        self.parallel = config.preload.workers > 1 and num_pairs > 1
+        self._pool = None
+
+    def _started(self):
+        if self._pool is None:
+            # "spawn" because a forked child of a process that has TensorFlow loaded (tests, notebooks) can hang.
+            context = multiprocessing.get_context("spawn")
+            self._pool = context.Pool(self.config.preload.workers, initializer=_init_worker,
+                                      initargs=(self.config.model_dump_json(),))
+        return self._pool
+
+    def map(self, function, items, ordered: bool, chunksize: int):
+        pool = self._started()
+        return (pool.imap if ordered else pool.imap_unordered)(function, items, chunksize=chunksize)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+
+
+def _run_pairs(pairs: list[CasePair], config: Config, workers: _Workers):
+    """Yield (pair, records, error) per pair, in the order they finish."""
+    # disable=None: a bar on a terminal, none in logs and pipes.
+    progress = dict(total=len(pairs), unit="file", desc="preload", mininterval=1.0, disable=None)
+    if not workers.parallel:
+        yield from tqdm(map(functools.partial(_pair_job, config=config), pairs), **progress)
+        return
+    yield from tqdm(workers.map(_pair_job, pairs, ordered=False, chunksize=4), **progress)
+
+
+class _ScratchSlices:
+    """Finished slices appended to one raw file per array (see _SCRATCH_FIELDS), read back slice by slice.
+
+    Three files instead of one per slice: no per-file overhead, and a slice is read back with one
+    ``os.pread`` per array, without mapping the files into memory.
+    """
+
+    def __init__(self, folder: Path, image_size: tuple[int, int]):
+        self.shapes = {"image": (*image_size, 1), "hu_image": tuple(image_size), "mask": tuple(image_size)}
+        self.nbytes = {name: int(np.prod(self.shapes[name])) * np.dtype(dtype).itemsize
+                       for name, dtype in _SCRATCH_FIELDS.items()}
+        self.files = {name: open(folder / f"{name}.raw", "w+b") for name in _SCRATCH_FIELDS}
+        self.count = 0
+
+    def append(self, record: dict) -> int:
+        """Move the record's arrays to the scratch files; return the slice's row there."""
+        for name, dtype in _SCRATCH_FIELDS.items():
+            array = np.ascontiguousarray(record.pop(name), dtype=dtype)
+            if array.shape != self.shapes[name]:
+                raise AssertionError(f"scratch {name} of shape {array.shape}, expected {self.shapes[name]}")
+            self.files[name].write(array.tobytes())
+        self.count += 1
+        return self.count - 1
+
+    def finish_writing(self) -> None:
+        for handle in self.files.values():
+            handle.flush()
+
+    def read(self, name: str, row: int) -> bytes:
+        return os.pread(self.files[name].fileno(), self.nbytes[name], row * self.nbytes[name])
+
+    def close(self) -> None:
+        for handle in self.files.values():
+            handle.close()
+
+
+def _write_npy_member(archive: zipfile.ZipFile, name: str, dtype, shape: tuple, chunks) -> None:
+    """Write ``<name>.npy`` into ``archive`` from the byte chunks of its rows, as np.savez would lay it out."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+    with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+        np.lib.format.write_array_header_1_0(member, header)
+        for chunk in chunks:
+            member.write(chunk)
+
+
+def _write_shard(path: Path, records: list[dict], scratch: _ScratchSlices) -> None:
+    """One shard in the layout of segmenter.dataset (np.load reads it), holding one slice in memory at a time."""
+    count = len(records)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for member, field in (("images", "image"), ("masks", "mask"), ("hu_images", "hu_image")):
+            _write_npy_member(archive, member, _SCRATCH_FIELDS[field], (count, *scratch.shapes[field]),
+                              (scratch.read(field, record["row"]) for record in records))
+        nan2 = [np.nan, np.nan]
+        small = {
+            "ids": np.array([r["id"] for r in records], dtype=str),
+            "volume_ids": np.array([r["volume_id"] for r in records], dtype=str),
+            "slice_index": np.array([r["slice_index"] for r in records], dtype=np.int32),
+            "spacing": np.array([r["spacing"] or nan2 for r in records], dtype=np.float32).reshape(-1, 2),
+        }
+        for name, array in small.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, array, allow_pickle=False)
+
+
+def _write_shards(folder: Path, split: str, records: list[dict], scratch: _ScratchSlices, shard_size: int) -> list[str]:
+    num_shards = max(1, -(-len(records) // shard_size))
+    names = []
+    for shard_number in range(num_shards):
+        name = f"{split}.npz" if num_shards == 1 else f"{split}-{shard_number:05d}.npz"
+        _write_shard(folder / name, records[shard_number * shard_size:(shard_number + 1) * shard_size], scratch)
+        names.append(name)
+    return names
 
 
 # ----------------------------------------------------------------------------------------------------
 # The stage
 # ----------------------------------------------------------------------------------------------------
-def _run_workers(pairs: list[CasePair], config: Config):
-    jobs = [(pair, config.model_dump_json()) for pair in pairs]
-    # disable=None: a bar on a terminal, none in logs and pipes.
-    progress = dict(total=len(jobs), unit="file", desc="preload", mininterval=1.0, disable=None)
-    if config.preload.workers == 1 or len(jobs) == 1:
-        yield from tqdm(map(_worker, jobs), **progress)
-        return
-    # "spawn" because a forked child of a process that has TensorFlow loaded (tests, notebooks) can hang.
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(config.preload.workers) as pool:
-        yield from tqdm(pool.imap_unordered(_worker, jobs, chunksize=4), **progress)
-
-
-def _write_shards(folder: Path, split: str, records: list[dict], scratch: Path, shard_size: int) -> list[str]:
-    num_shards = max(1, -(-len(records) // shard_size))
-    names = []
-    for shard_number in range(num_shards):
-        chunk = records[shard_number * shard_size:(shard_number + 1) * shard_size]
-        name = f"{split}.npz" if num_shards == 1 else f"{split}-{shard_number:05d}.npz"
-        arrays = [np.load(scratch / f"{record['scratch']}.npz") for record in chunk]
-        nan2 = np.array([np.nan, np.nan], dtype=np.float32)
-        shard = SliceSet(
-            images=np.stack([a["image"] for a in arrays]) if arrays else np.zeros((0, 1, 1, 1), np.float32),
-            masks=np.stack([a["mask"] for a in arrays]) if arrays else np.zeros((0, 1, 1), np.uint8),
-            ids=np.array([r["id"] for r in chunk], dtype=str),
-            volume_ids=np.array([r["volume_id"] for r in chunk], dtype=str),
-            slice_index=np.array([r["slice_index"] for r in chunk], dtype=np.int32),
-            spacing=np.array([r["spacing"] if r["spacing"] else nan2 for r in chunk], dtype=np.float32).reshape(-1, 2),
-            hu_images=np.stack([a["hu_image"] for a in arrays]) if arrays else np.zeros((0, 1, 1), np.float32),
-        )
-        save_shard(shard, folder / name)
-        names.append(name)
-    return names
-
-
 def preload(config: Config, overwrite: bool = False, skip_invalid: Optional[bool] = None, log=print) -> PreloadResult:
     """Run the preload stage for ``config``; see the module docstring."""
     skip_invalid = config.preload.skip_invalid if skip_invalid is None else skip_invalid
     output_dir = config.preloaded_dir
     pairs = find_pairs(config, log=log)
-    source_hashes = _hash_sources(pairs)
-    fingerprint = _fingerprint(config, source_hashes)
-    manifest_path = output_dir / "manifest.json"
-    if manifest_path.is_file() and not overwrite:
-        old = read_json(manifest_path)
-        if old.get("fingerprint") == fingerprint:
-            return PreloadResult(output_dir, old["splits"]["train"]["num_slices"], old["splits"]["test"]["num_slices"],
-                                 old.get("skipped", []), up_to_date=True)
+    with contextlib.closing(_Workers(config, len(pairs))) as workers:
+        source_hashes = _hash_sources(pairs, workers)
+        fingerprint = _fingerprint(config, source_hashes)
+        manifest_path = output_dir / "manifest.json"
+        if manifest_path.is_file() and not overwrite:
+            old = read_json(manifest_path)
+            if old.get("fingerprint") == fingerprint:
+                return PreloadResult(output_dir, old["splits"]["train"]["num_slices"],
+                                     old["splits"]["test"]["num_slices"], old.get("skipped", []), up_to_date=True)
 
-    with atomic_directory(output_dir) as tmp_dir:
-        scratch = tmp_dir / "scratch"
-        scratch.mkdir()
-        records, skipped = [], []
-        for pair, pair_records, error in _run_workers(pairs, config):
-            if error:
-                if not skip_invalid:
-                    raise InputError(None, error)
-                skipped.append({"case_id": pair.case_id, "image": str(pair.image_path), "mask": str(pair.mask_path),
-                                "error": error})
-                continue
-            for record in pair_records:
-                record["scratch"] = f"{len(records):07d}"
-                np.savez(scratch / f"{record['scratch']}.npz", image=record.pop("image"),
-                         hu_image=record.pop("hu_image"), mask=record.pop("mask"))
-                records.append(record)
-        if skipped:
-            log(f"Skipped {len(skipped)} invalid pairs (--skip-invalid):")
-            for entry in skipped:
-                log(f"  {entry['error']}")
-        if not records:
-            raise InputError(config.preload.input_dir, "no slices left after validation and the label filter")
-        ids = [r["id"] for r in records]
-        if len(set(ids)) != len(ids):
-            duplicate = sorted({i for i in ids if ids.count(i) > 1})[0]
-            raise InputError(config.preload.input_dir, f"duplicate slice id {duplicate!r}")
-        train_idx, test_idx = split_train_test(
-            ids, [r["volume_id"] for r in records], [len(r["labels"]) > 1 or r["labels"] != [0] for r in records],
-            config.preload.test_fraction, config.seed)
-        manifest = {
-            "version": MANIFEST_VERSION,
-            "fingerprint": fingerprint,
-            "experiment": config.experiment,
-            "classes": config.classes,
-            "image_size": list(config.preload.image_size),
-            "channels": 1,
-            "preprocessing": config.preload.model_dump(mode="json"),
-            "sources": source_hashes,
-            "skipped": skipped,
-            "splits": {},
-            "config": config.to_jsonable(),
+        with atomic_directory(output_dir) as tmp_dir:
+            (tmp_dir / "scratch").mkdir()
+            with contextlib.closing(_ScratchSlices(tmp_dir / "scratch", config.preload.image_size)) as scratch:
+                records, skipped = [], []
+                for pair, pair_records, error in _run_pairs(pairs, config, workers):
+                    if error:
+                        if not skip_invalid:
+                            raise InputError(None, error)
+                        skipped.append({"case_id": pair.case_id, "image": str(pair.image_path),
+                                        "mask": str(pair.mask_path), "error": error})
+                        continue
+                    for record in pair_records:
+                        record["row"] = scratch.append(record)  # keeps only the small record in memory
+                        records.append(record)
+                workers.close()  # the workers' memory is not needed while the shards are written
+                scratch.finish_writing()
+                skipped.sort(key=lambda entry: entry["case_id"])  # workers finish in any order
+                manifest = _split_and_write(config, records, skipped, scratch, tmp_dir, fingerprint, source_hashes,
+                                            log)
+            for path in (tmp_dir / "scratch").iterdir():
+                path.unlink()
+            (tmp_dir / "scratch").rmdir()
+            write_json_atomic(manifest, tmp_dir / "manifest.json")
+    return PreloadResult(output_dir, manifest["splits"]["train"]["num_slices"], manifest["splits"]["test"]["num_slices"],
+                         skipped)
+
+
+def _split_groups(config: Config, records: list[dict], log) -> tuple[list[str], str]:
+    """The group of each slice for the split, and "volume" or "slice" saying what a group is.
+
+    Slices are grouped by patient or volume, so that no volume is in both train and test. The one exception
+    is a dataset of a single volume without a group_pattern (one CT series): grouping by volume would leave
+    nothing to test on, so each slice is its own group, and the log says that test figures are optimistic.
+    """
+    groups = [r["volume_id"] for r in records]
+    if len(set(groups)) > 1:
+        return groups, "volume"
+    if config.preload.group_pattern is None and len(records) > 1:
+        log(f"All {len(records)} slices come from one volume ({groups[0]}): each slice is its own group in the "
+            "train/test split; neighbouring slices are alike, so test figures will be optimistic.")
+        return [r["id"] for r in records], "slice"
+    what = (f"preload.group_pattern {config.preload.group_pattern!r} puts all {len(records)} slices in one group"
+            if config.preload.group_pattern is not None else "only one slice is left")
+    raise InputError(config.preload.input_dir, f"cannot split into train and test: {what} ({groups[0]})")
+
+
+def _split_and_write(config: Config, records: list[dict], skipped: list[dict], scratch: _ScratchSlices,
+                     folder: Path, fingerprint: str, source_hashes: dict, log) -> dict:
+    """Split the records, write the shards of each split into ``folder`` and return the manifest."""
+    if skipped:
+        log(f"Skipped {len(skipped)} invalid pairs (--skip-invalid):")
+        for entry in skipped:
+            log(f"  {entry['error']}")
+    if not records:
+        raise InputError(config.preload.input_dir, "no slices left after validation and the label filter")
+    ids = [r["id"] for r in records]
+    duplicates = sorted(slice_id for slice_id, count in collections.Counter(ids).items() if count > 1)
+    if duplicates:
+        sources = sorted({r["source_image"] for r in records if r["id"] == duplicates[0]})
+        raise InputError(config.preload.input_dir, f"duplicate slice id {duplicates[0]!r} "
+                                                   f"(from {', '.join(sources)})")
+    groups, grouping = _split_groups(config, records, log)
+    train_idx, test_idx = split_train_test(
+        ids, groups, [len(r["labels"]) > 1 or r["labels"] != [0] for r in records],
+        config.preload.test_fraction, config.seed)
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "fingerprint": fingerprint,
+        "experiment": config.experiment,
+        "classes": config.classes,
+        "image_size": list(config.preload.image_size),
+        "channels": 1,
+        "preprocessing": config.preload.model_dump(mode="json"),
+        "sources": source_hashes,
+        "skipped": skipped,
+        "split_groups": grouping,
+        "splits": {},
+        "config": config.to_jsonable(),
+    }
+    for split, indices in (("train", train_idx), ("test", test_idx)):
+        split_records = sorted((records[i] for i in indices), key=lambda r: r["id"])
+        shards = _write_shards(folder, split, split_records, scratch, config.preload.shard_size)
+        label_counts = {}
+        for record in split_records:
+            for label in record["labels"]:
+                label_counts[str(label)] = label_counts.get(str(label), 0) + 1
+        manifest["splits"][split] = {
+            "num_slices": len(split_records),
+            "shards": shards,
+            "slices_with_label": label_counts,
+            "slices": [{k: v for k, v in r.items() if k != "row"} for r in split_records],
         }
-        for split, indices in (("train", train_idx), ("test", test_idx)):
-            split_records = sorted((records[i] for i in indices), key=lambda r: r["id"])
-            shards = _write_shards(tmp_dir, split, split_records, scratch, config.preload.shard_size)
-            label_counts = {}
-            for record in split_records:
-                for label in record["labels"]:
-                    label_counts[str(label)] = label_counts.get(str(label), 0) + 1
-            manifest["splits"][split] = {
-                "num_slices": len(split_records),
-                "shards": shards,
-                "slices_with_label": label_counts,
-                "slices": [{k: v for k, v in r.items() if k != "scratch"} for r in split_records],
-            }
-        for path in scratch.iterdir():
-            path.unlink()
-        scratch.rmdir()
-        write_json_atomic(manifest, tmp_dir / "manifest.json")
-    return PreloadResult(output_dir, len(train_idx), len(test_idx), skipped)
+    return manifest

@@ -1,0 +1,223 @@
+"""Bad input through the preload command line: one line naming the file and the problem, exit status 1.
+
+Each case breaks one pair (or the folder) of a small PNG/NPY dataset that was preloaded once before; the
+earlier preloaded dataset must survive whole, with no temporary folder left beside it. With
+--skip-invalid the broken pairs are skipped, listed in the manifest and in a printed summary, exit 0.
+(test_preload.py covers an unreadable PNG, differing shapes, labels outside the classes, no matched pairs.)
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from segmenter.config import build_config
+from segmenter.preloading import preload
+from tests.conftest import run_cli, write_config
+from tests.test_preload import make_png_npy_set
+
+SIZE = 32  # rows and columns of the generated slices
+
+
+def write_dicom(path: Path, pixels: np.ndarray | None, position=(0.0, 0.0, 0.0), rows_cols=(SIZE, SIZE),
+                series_uid: str = "1.2.826.0.1.3680043.8.498.1") -> Path:
+    """A minimal single-frame CT DICOM file; ``pixels=None`` leaves out the pixel data."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset = Dataset()
+    dataset.file_meta = meta
+    dataset.SOPClassUID = CTImageStorage
+    dataset.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    dataset.SeriesInstanceUID = series_uid
+    dataset.Modality = "CT"
+    dataset.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    dataset.ImagePositionPatient = list(position)
+    dataset.PixelSpacing = [1, 1]
+    dataset.SliceThickness = 1
+    dataset.RescaleSlope = 1
+    dataset.RescaleIntercept = -1024
+    dataset.Rows, dataset.Columns = rows_cols if pixels is None else pixels.shape
+    dataset.SamplesPerPixel = 1
+    dataset.PhotometricInterpretation = "MONOCHROME2"
+    dataset.BitsAllocated = dataset.BitsStored = 16
+    dataset.HighBit = 15
+    dataset.PixelRepresentation = 0
+    if pixels is not None:
+        dataset.PixelData = np.ascontiguousarray(pixels, dtype=np.uint16).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+def grey_image(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, size=(SIZE, SIZE)).astype(np.float64)
+
+
+def csv_text(array: np.ndarray) -> str:
+    return "".join(",".join(f"{value:g}" for value in row) + "\n" for row in array)
+
+
+def replace_image(data: Path, case: str, name: str) -> Path:
+    """Remove images/<case>.png and return the path of its replacement images/<name>."""
+    (data / "images" / f"{case}.png").unlink()
+    return data / "images" / name
+
+
+# ---------------------------------------------------------------------------------------------------
+# The cases: each breaks the dataset and returns (text naming the file, text naming the problem)
+# ---------------------------------------------------------------------------------------------------
+def _truncated_file(data):
+    path = data / "masks" / "3.npy"
+    path.write_bytes(path.read_bytes()[:200])
+    return "3.npy", "cannot read NPY file"
+
+
+def _non_numeric_csv_cell(data):
+    lines = csv_text(grey_image()).splitlines(keepends=True)
+    cells = lines[4].split(",")
+    cells[6] = "n/a"
+    lines[4] = ",".join(cells)
+    replace_image(data, "3", "3.csv").write_text("".join(lines))
+    return "3.csv", "line 5, column 7: 'n/a' is not a number"
+
+
+def _ragged_csv_rows(data):
+    lines = csv_text(grey_image()).splitlines(keepends=True)
+    lines[3] = ",".join(lines[3].split(",")[:-1]) + "\n"
+    replace_image(data, "3", "3.csv").write_text("".join(lines))
+    return "3.csv", f"line 4 has {SIZE - 1} values, expected {SIZE}"
+
+
+def _nan_pixel(data):
+    image = grey_image()
+    image[5, 5] = np.nan
+    np.save(replace_image(data, "3", "3.npy"), image)
+    return "3.npy", "NaN or infinite"
+
+
+def _infinite_pixel(data):
+    image = grey_image()
+    image[7, 2] = np.inf
+    replace_image(data, "3", "3.csv").write_text(csv_text(image))
+    return "3.csv", "NaN or infinite"
+
+
+def _non_integer_mask(data):
+    mask = np.load(data / "masks" / "3.npy").astype(np.float64)
+    mask[0, 0] = 0.5
+    np.save(data / "masks" / "3.npy", mask)
+    return "3.npy", "non-integer values"
+
+
+def _duplicate_ids(data):
+    np.save(data / "images" / "3.npy", grey_image())
+    return "3.png and 3.npy", "share the case id '3'"
+
+
+def _empty_folder(data):
+    for path in (data / "images").iterdir():
+        path.unlink()
+    return "images", "no image files found"
+
+
+def _dicom_without_pixel_data(data):
+    write_dicom(replace_image(data, "3", "3.dcm"), pixels=None)
+    return "3.dcm", "no pixel data"
+
+
+def _dicom_series_of_different_sizes(data):
+    folder = replace_image(data, "3", "3")
+    write_dicom(folder / "a.dcm", np.full((SIZE, SIZE), 1000), position=(0, 0, 0))
+    write_dicom(folder / "b.dcm", np.full((SIZE // 2, SIZE), 1000), position=(0, 0, 1))
+    return "images/3", f"inconsistent slice sizes: a.dcm is {SIZE}x{SIZE} but b.dcm is {SIZE // 2}x{SIZE}"
+
+
+BAD_INPUTS = {
+    "truncated file": _truncated_file,
+    "non-numeric CSV cell": _non_numeric_csv_cell,
+    "ragged CSV rows": _ragged_csv_rows,
+    "NaN pixel": _nan_pixel,
+    "infinite pixel": _infinite_pixel,
+    "mask with non-integer values": _non_integer_mask,
+    "duplicate ids": _duplicate_ids,
+    "empty folder": _empty_folder,
+    "DICOM without pixel data": _dicom_without_pixel_data,
+    "DICOM series of different slice sizes": _dicom_series_of_different_sizes,
+}
+
+
+def raw_config(data: Path, work: Path) -> dict:
+    return {"experiment": "t", "classes": ["background", "a", "b"],
+            "paths": {"preloaded_root": str(work / "pre"), "experiments_root": str(work / "exp")},
+            # ct_window takes any intensity scale: PNG grey levels, CSV numbers and DICOM HU alike.
+            "preload": {"input_dir": str(data), "image_size": [16, 16], "workers": 1,
+                        "normalization": {"method": "ct_window", "window": [0.0, 255.0]}}}
+
+
+@pytest.fixture
+def preloaded_once(tmp_path):
+    """(data folder, config file): a good dataset, preloaded once into tmp_path/pre/t."""
+    data = make_png_npy_set(tmp_path / "data", count=10, size=SIZE)
+    raw = raw_config(data, tmp_path)
+    preload(build_config(raw), log=lambda *_: None)
+    return data, write_config(tmp_path, raw)
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_stops_with_one_line_naming_file_and_problem(tmp_path, preloaded_once, case):
+    data, config_path = preloaded_once
+    output = tmp_path / "pre" / "t"
+    before = {path.name: path.read_bytes() for path in output.iterdir()}
+
+    named, problem = BAD_INPUTS[case](data)
+    result = run_cli("preload", "--config", str(config_path), "--overwrite")
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for name in named.split(" and "):
+        assert name in lines[0], lines[0]
+    assert problem in lines[0], lines[0]
+    # The earlier dataset survives byte for byte, and no temporary folder is left beside it.
+    assert {path.name: path.read_bytes() for path in output.iterdir()} == before
+    assert [path.name for path in (tmp_path / "pre").iterdir()] == ["t"]
+
+
+SKIPPABLE = ["truncated file", "non-numeric CSV cell", "NaN pixel", "mask with non-integer values",
+             "DICOM without pixel data", "DICOM series of different slice sizes"]
+
+
+def test_skip_invalid_skips_the_bad_pairs_lists_them_and_succeeds(tmp_path):
+    data = make_png_npy_set(tmp_path / "data", count=10, size=SIZE)
+    # Each case breaks pair "3": give every case a pair of its own by renaming its files afterwards.
+    expected = {}
+    for number, case in enumerate(SKIPPABLE):
+        case_id = f"bad{number}"
+        scratch = tmp_path / f"scratch{number}"
+        make_png_npy_set(scratch, count=4, size=SIZE)
+        named, problem = BAD_INPUTS[case](scratch)
+        for kind in ("images", "masks"):
+            for path in (scratch / kind).iterdir():
+                if path.name.split(".")[0] == "3":
+                    shutil.move(path, data / kind / path.name.replace("3", case_id, 1))
+        expected[case_id] = problem
+    config_path = write_config(tmp_path, raw_config(data, tmp_path))
+
+    result = run_cli("preload", "--config", str(config_path), "--skip-invalid")
+    assert result.returncode == 0, result.stderr
+    assert f"Skipped {len(SKIPPABLE)} invalid pairs" in result.stdout
+    assert f"{len(SKIPPABLE)} skipped" in result.stdout.strip().splitlines()[-1]
+    manifest = json.loads((tmp_path / "pre" / "t" / "manifest.json").read_text())
+    assert [entry["case_id"] for entry in manifest["skipped"]] == sorted(expected)
+    for entry in manifest["skipped"]:
+        assert expected[entry["case_id"]] in entry["error"] and entry["case_id"] in entry["error"]
+        assert entry["error"] in result.stdout
+    kept = manifest["splits"]["train"]["num_slices"] + manifest["splits"]["test"]["num_slices"]
+    assert kept == 10
