@@ -23,7 +23,7 @@ from segmenter.artifacts import atomic_directory, read_json, save_npy_atomic, sa
 from segmenter.config import Config, NormalizationConfig
 from segmenter.dataset import iter_split
 from segmenter.errors import InputError
-from segmenter.preprocessing import normalize, resize_image
+from segmenter.preprocessing import prepare_image
 
 # Output suffix per input format: label maps go back in the user's format, except where that format
 # cannot hold a label map written by us (DICOM), where NIfTI with the series' affine is the usual choice.
@@ -80,7 +80,7 @@ def _predict_image(model, array: np.ndarray, preprocessing: dict, batch_size: in
         slices = [array]
     else:
         slices = [np.take(array, i, axis=slice_axis) for i in range(array.shape[slice_axis])]
-    batch = np.stack([resize_image(normalize(s, normalization), size) for s in slices])[..., np.newaxis]
+    batch = np.stack([prepare_image(s, normalization, size)[1] for s in slices])[..., np.newaxis]
     probabilities = predict_probabilities(model, batch, batch_size)
     # Probabilities, not labels, are resized back to the original grid, then the argmax is taken:
     # nearest-neighbour on labels would give blocky borders when the model ran at a lower resolution.

@@ -29,7 +29,7 @@ from segmenter import io
 from segmenter.artifacts import atomic_directory, read_json, sha256_of_file, write_json_atomic
 from segmenter.config import Config
 from segmenter.errors import InputError
-from segmenter.preprocessing import normalize, resize_image, resize_mask, resized_spacing, split_train_test
+from segmenter.preprocessing import prepare_image, resize_mask, resized_spacing, split_train_test
 
 MANIFEST_VERSION = 1
 
@@ -179,8 +179,7 @@ def process_pair(pair: CasePair, config: Config) -> list[dict]:
             continue
         if not settings.keep_empty_slices and present == {0}:
             continue
-        raw = resize_image(np.asarray(image2d, dtype=np.float32), shape)
-        normalised = resize_image(normalize(image2d, settings.normalization), shape)
+        raw, normalised = prepare_image(np.asarray(image2d, dtype=np.float32), settings.normalization, shape)
         records.append({
             "id": pair.case_id if slice_index < 0 else f"{pair.case_id}_s{slice_index:04d}",
             "volume_id": pair.group_id,

@@ -4,13 +4,18 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import numpy as np
-from skimage.transform import resize
+from skimage.transform import downscale_local_mean, resize
 
 
 def resize_image(image: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     """Resize a 2D image to ``shape`` with linear interpolation, anti-aliasing when shrinking."""
     if tuple(image.shape) == tuple(shape):
         return image.astype(np.float32, copy=False)
+    factors = [old // new if new and old % new == 0 else 0 for old, new in zip(image.shape, shape)]
+    if all(factor >= 1 for factor in factors):
+        # Whole-number shrink factors (512 -> 256): the block mean is the exact area average, an ideal
+        # anti-aliasing filter for this case, and several times cheaper than skimage's Gaussian + spline.
+        return downscale_local_mean(image, tuple(factors)).astype(np.float32)
     shrinking = any(new < old for new, old in zip(shape, image.shape))
     return resize(image, shape, order=1, preserve_range=True, anti_aliasing=shrinking).astype(np.float32)
 

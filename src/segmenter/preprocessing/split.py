@@ -5,7 +5,6 @@ import warnings
 from typing import Sequence
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold
 
 
 def split_train_test(
@@ -18,6 +17,9 @@ def split_train_test(
     in: the inputs are sorted by id first. With k = round(1 / test_fraction) folds the test part is one
     of k stratified group folds, as scikit-learn's StratifiedGroupKFold builds them.
     """
+    # Imported here: scikit-learn adds ~180 MB to every preload worker process that imports this package.
+    from sklearn.model_selection import StratifiedGroupKFold
+
     ids = np.asarray(ids)
     order = np.argsort(ids, kind="stable")
     groups = np.asarray(group_ids)[order]
