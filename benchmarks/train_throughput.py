@@ -74,10 +74,10 @@ def main() -> None:
     masks = rng.integers(0, num_classes, (args.batch * 4, args.size, args.size))
     dataset = (tf.data.Dataset.from_tensor_slices((images, tf.one_hot(masks, num_classes)))
                .repeat().batch(args.batch).prefetch(tf.data.AUTOTUNE))
-    model.fit(dataset, steps_per_epoch=2 * args.steps_per_execution, epochs=1, verbose=0)  # warm-up and tracing
+    model.fit(dataset, steps_per_epoch=2 * args.steps_per_execution, epochs=1, shuffle=False, verbose=0)  # warm-up and tracing
     steps = max(args.steps // args.steps_per_execution, 1) * args.steps_per_execution
     started = time.perf_counter()
-    model.fit(dataset, steps_per_epoch=steps, epochs=1, verbose=0)
+    model.fit(dataset, steps_per_epoch=steps, epochs=1, shuffle=False, verbose=0)
     seconds = time.perf_counter() - started
     images_per_s = steps * args.batch / seconds
     forward_gflop = conv_forward_flops(model) / 1e9
