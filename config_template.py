@@ -43,8 +43,9 @@ CONFIG = {
         "group_pattern": None,
         # Source label -> class index, e.g. {255: 1} for 0/255 masks, or {86: 1, 87: 1} to merge two ids.
         "label_map": {},
-        # What to do with mask labels that are neither classes nor in label_map: "error" stops with the
-        # file and labels named; "background" sets them to 0 (for multi-structure label maps).
+        # "error": a mask label that is not in label_map must be a class index (else preload stops, naming
+        # the file and labels). "background": only 0 and the labels in label_map are kept; every other
+        # label, even one equal to a class index, becomes 0 (for multi-structure label maps).
         "unmapped_labels": "error",
         # Keep only slices whose (remapped) mask contains every listed label, e.g. [0, 1, 2]. [] keeps all.
         "require_labels": [],

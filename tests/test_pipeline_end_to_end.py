@@ -117,3 +117,13 @@ def test_train_resume_continues_from_checkpoint(finished_run):
     assert "Resuming from epoch 2" in result.stdout
     history = pd.read_csv(work / "experiments" / "tiny_ct" / "train" / "history.csv")
     assert history.epoch.tolist() == [0, 1, 2]
+
+
+def test_predict_refuses_an_output_folder_that_would_replace_data(finished_run, tiny_ct_dataset):
+    _, config_path, _ = finished_run
+    images = tiny_ct_dataset / "images"
+    before = sorted(p.name for p in images.iterdir())
+    result = run_stage_module("predict", "--config", str(config_path), "--input", str(images),
+                              "--output", str(tiny_ct_dataset))
+    assert result.returncode == 1 and "would replace" in result.stderr
+    assert sorted(p.name for p in images.iterdir()) == before

@@ -40,15 +40,6 @@ def write_text_atomic(text: str, path: Path) -> Path:
     return path
 
 
-def save_npy_atomic(array: np.ndarray, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
-    return path
-
-
 def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
@@ -85,6 +76,26 @@ def atomic_directory(final_dir: Path) -> Iterator[Path]:
         os.replace(final_dir, old_dir)
     os.replace(tmp_dir, final_dir)
     shutil.rmtree(old_dir, ignore_errors=True)
+
+
+def check_replaceable_folder(out_dir: Path, inputs, markers, option: str) -> None:
+    """Refuse an output folder that ``atomic_directory`` would replace if that destroys other data.
+
+    The output folder is replaced whole, so it may not be, or lie above, any of ``inputs``, and an
+    existing non-empty one must hold an earlier output of the same kind (one of the files ``markers``).
+    """
+    from segmenter.errors import InputError
+
+    out = Path(out_dir).resolve()
+    for folder in inputs:
+        folder = Path(folder).resolve()
+        if out == folder or out in folder.parents:
+            raise InputError(out_dir, f"the output folder would replace {folder}; choose another {option}")
+    if out.is_file():
+        raise InputError(out_dir, "the output folder is a file")
+    if out.is_dir() and any(out.iterdir()) and not any((out / name).is_file() for name in markers):
+        raise InputError(out_dir, f"exists and is not an earlier output of this command, so it is not replaced; "
+                                  f"choose a new or empty {option} folder")
 
 
 def sha256_of_file(path: Path, chunk_size: int = 1 << 20) -> str:

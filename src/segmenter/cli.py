@@ -26,7 +26,8 @@ def stage_parser(doc: Optional[str], prog: Optional[str] = None) -> argparse.Arg
     parser = argparse.ArgumentParser(prog=prog, description=(doc or "").strip(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=None,
-                        help="config file (default: ./config.py if present, else ./config_template.py)")
+                        help="config file (default: config.py in the current folder if present, else "
+                             "config_template.py there, else the same two in the segmenter checkout)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting by its dotted key, e.g. --set train.epochs=5 (repeatable)")
     return parser

@@ -17,7 +17,7 @@ import runpy
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -50,7 +50,7 @@ class PreloadConfig(_Section):
     require_labels: list[int] = Field(default_factory=list)
     keep_empty_slices: bool = True
     normalization: NormalizationConfig = Field(default_factory=NormalizationConfig)
-    image_size: tuple[int, int] = (256, 256)
+    image_size: tuple[PositiveInt, PositiveInt] = (256, 256)
     pixel_spacing: Optional[tuple[float, float]] = None
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     slice_axis: int = Field(2, ge=0, le=2)
@@ -147,6 +147,12 @@ class Config(_Section):
                 raise ValueError(f"preload.require_labels has {label}, outside the {num_classes} classes")
         if self.train.class_weights is not None and len(self.train.class_weights) != num_classes:
             raise ValueError(f"train.class_weights needs {num_classes} values, one per class")
+        model = self.train.model
+        # DeepLabV3+ always down-samples 16 times; the U-Nets once per level.
+        factor = 16 if model.architecture == "deeplabv3plus" else 2 ** model.depth
+        if any(size % factor for size in self.preload.image_size):
+            raise ValueError(f"preload.image_size {list(self.preload.image_size)} must be divisible by {factor} "
+                             f"for a {model.architecture} of depth {model.depth}")
         return self
 
     # Convenience views used throughout the library.
@@ -170,7 +176,9 @@ class Config(_Section):
 
 
 # Paths inside the config, as dotted keys, that resolve against the config file's folder.
-PATH_KEYS = ("paths.preloaded_root", "paths.experiments_root", "preload.input_dir")
+PATH_KEYS = ("paths.preloaded_root", "paths.experiments_root", "preload.input_dir", "train.model.encoder_weights")
+# Values of path keys that are not paths.
+NOT_PATHS = (None, "imagenet")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -195,15 +203,6 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
             raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
         node = child
     node[parts[-1]] = value
-
-
-def _get_dotted(tree: dict, key: str) -> Any:
-    node = tree
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
 
 
 def _format_validation_error(error: ValidationError, source: str) -> str:
@@ -251,12 +250,17 @@ def build_config(
     except ValidationError as error:
         raise ConfigError(_format_validation_error(error, source)) from None
     for key in PATH_KEYS:
-        section_name, field_name = key.split(".")
-        section = getattr(config, section_name)
-        value = Path(getattr(section, field_name)).expanduser()
-        if not value.is_absolute():
-            value = (cwd if key in overridden_paths else base_dir) / value
-        setattr(section, field_name, value.resolve())
+        *section_names, field_name = key.split(".")
+        section = config
+        for name in section_names:
+            section = getattr(section, name)
+        value = getattr(section, field_name)
+        if value in NOT_PATHS:
+            continue
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            path = (cwd if key in overridden_paths else base_dir) / path
+        setattr(section, field_name, type(value)(path.resolve()) if isinstance(value, str) else path.resolve())
     config.source_file = Path(source_file).resolve() if source_file else None
     return config
 

@@ -89,19 +89,23 @@ def make_dataset(
     shuffle: bool = False,
     seed: int = 0,
     subset: Optional[np.ndarray] = None,
-    repeat: bool = False,
 ) -> tuple[tf.data.Dataset, int]:
     """A batched dataset of (image, one-hot mask) pairs and the number of slices in it.
 
     ``subset`` selects slices of the split by index (the tune stage's validation split).
     """
     dataset, count = _slices_dataset(Path(preloaded_dir), split, subset)
+    return batch_for_training(dataset, count, num_classes, batch_size, augmentation=augmentation, shuffle=shuffle,
+                              seed=seed), count
+
+
+def batch_for_training(dataset: tf.data.Dataset, count: int, num_classes: int, batch_size: int, *,
+                       augmentation=None, shuffle: bool = False, seed: int = 0) -> tf.data.Dataset:
+    """(image, label map) pairs -> shuffled, augmented batches of (image, one-hot mask), prefetched."""
     if shuffle:
         dataset = dataset.shuffle(min(count, 2048), seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        dataset = dataset.repeat()
     if augmentation is not None:
         dataset = dataset.map(make_augmenter(augmentation, seed), num_parallel_calls=AUTOTUNE)
     dataset = dataset.map(lambda image, mask: (image, tf.one_hot(mask, num_classes, dtype=tf.float32)),
                           num_parallel_calls=AUTOTUNE)
-    return dataset.batch(batch_size).prefetch(AUTOTUNE), count
+    return dataset.batch(batch_size).prefetch(AUTOTUNE)

@@ -10,7 +10,7 @@ Every shard holds parallel arrays, one entry per slice (row, column order as in 
 
     images       float32 (N, H, W, C)  normalised intensities
     masks        uint8   (N, H, W)     class indices 0..num_classes-1
-    ids          str     (N,)          unique slice id: the file stem, or "<volume>_<axis><index>" for volumes
+    ids          str     (N,)          unique slice id: the file stem, or "<volume>_s<index:04d>" for volumes
     volume_ids   str     (N,)          the patient or volume a slice belongs to (its own id for 2D files)
     slice_index  int32   (N,)          index along the slicing axis, -1 for 2D files
     spacing      float32 (N, 2)        pixel spacing in mm (row, column) after resizing; NaN when unknown

@@ -19,7 +19,8 @@ import segmenter.losses  # noqa: F401  (registers custom objects for load_model)
 import segmenter.metrics  # noqa: F401
 import segmenter.models  # noqa: F401
 from segmenter import io
-from segmenter.artifacts import atomic_directory, read_json, save_npy_atomic, save_resolved_config, write_json_atomic
+from segmenter.artifacts import (atomic_directory, check_replaceable_folder, read_json, save_resolved_config,
+                                 write_json_atomic)
 from segmenter.config import Config, NormalizationConfig
 from segmenter.dataset import iter_split
 from segmenter.errors import InputError
@@ -64,7 +65,7 @@ def predict_test_set(config: Config) -> PredictResult:
             probabilities = predict_probabilities(model, shard.images, config.predict.batch_size)
             labels = probabilities.argmax(axis=-1).astype(np.uint8)
             for slice_id, label_map in zip(shard.ids, labels):
-                save_npy_atomic(label_map, tmp_dir / f"{slice_id}.npy")
+                np.save(tmp_dir / f"{slice_id}.npy", label_map)  # the folder as a whole is swapped in atomically
                 count += 1
         write_json_atomic({"model": str(config.stage_dir("train") / "model.keras"), "num_masks": count},
                           tmp_dir / "predictions.json")
@@ -91,10 +92,15 @@ def _predict_image(model, array: np.ndarray, preprocessing: dict, batch_size: in
 
 def predict_folder(config: Config, input_dir: Path, output_dir: Optional[Path] = None) -> PredictResult:
     """Segment every image in ``input_dir``; one mask per input, under the input's name."""
-    input_dir = Path(input_dir)
+    input_dir = Path(input_dir).resolve()
     cases = io.list_cases(input_dir, "image")
     model, preprocessing = load_trained_model(config)
-    output_dir = Path(output_dir) if output_dir else config.stage_dir("predict") / input_dir.name
+    test_predictions = config.stage_dir("predict") / "test"
+    if output_dir is None:
+        # predict/<input folder name>, never predict/test itself, which holds the test-set predictions.
+        name = input_dir.name if input_dir.name != "test" else "test_input"
+        output_dir = config.stage_dir("predict") / name
+    check_replaceable_folder(output_dir, [input_dir, test_predictions], ["predictions.json"], "--output")
     with atomic_directory(output_dir) as tmp_dir:
         for case_id, path in tqdm(sorted(cases.items()), unit="image", desc="predict", disable=None):
             image = io.read_image(path)

@@ -31,7 +31,8 @@ from segmenter.config import Config
 from segmenter.errors import InputError
 from segmenter.preprocessing import prepare_image, resize_mask, resized_spacing, split_train_test
 
-MANIFEST_VERSION = 1
+# Bumped whenever what preload writes changes, so an older preloaded dataset is redone, not reused.
+MANIFEST_VERSION = 2
 
 # Source labels up to this value are remapped through a lookup table (see remap_labels).
 _MAX_TABLE_LABEL = 65535
@@ -159,11 +160,7 @@ def process_pair(pair: CasePair, config: Config) -> list[dict]:
     settings = config.preload
     image = io.read_image(pair.image_path)
     mask = io.read_mask(pair.mask_path, reference=image)
-    if image.array.ndim == 3 and image.array.shape[-1] in (3, 4) and mask.array.ndim == 2:
-        raise InputError(pair.image_path, "colour images are not supported; save them as grey levels")
-    if image.array.shape != mask.array.shape:
-        raise InputError(pair.mask_path, f"mask shape {mask.array.shape} differs from image shape "
-                                         f"{image.array.shape} ({pair.image_path.name})")
+    # read_mask(reference=image) has already checked the shapes, or mapped the mask onto the image grid.
     if image.spacing is None and settings.pixel_spacing is not None and image.array.ndim == 2:
         image = dataclasses.replace(image, spacing=tuple(settings.pixel_spacing))
     labels = remap_labels(mask.array, settings.label_map, settings.unmapped_labels, config.num_classes, pair.mask_path)
@@ -404,7 +401,8 @@ def preload(config: Config, overwrite: bool = False, skip_invalid: Optional[bool
         manifest_path = output_dir / "manifest.json"
         if manifest_path.is_file() and not overwrite:
             old = read_json(manifest_path)
-            if old.get("fingerprint") == fingerprint:
+            shards = [output_dir / name for split in old.get("splits", {}).values() for name in split["shards"]]
+            if old.get("fingerprint") == fingerprint and all(path.is_file() for path in shards):
                 return PreloadResult(output_dir, old["splits"]["train"]["num_slices"],
                                      old["splits"]["test"]["num_slices"], old.get("skipped", []), up_to_date=True)
 

@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import keras
-import tensorflow as tf
 
 from segmenter import losses, metrics, models
 from segmenter.artifacts import read_json, save_resolved_config, write_json_atomic, write_text_atomic
-from segmenter.config import AugmentationConfig, Config, ModelConfig, TrainConfig
+from segmenter.config import AugmentationConfig, Config, ConfigError, ModelConfig, TrainConfig
 from segmenter.data_pipeline import make_dataset
 from segmenter.dataset import read_manifest
 
@@ -93,7 +93,7 @@ def compile_model(model: keras.Model, train: TrainConfig, class_names: list[str]
         loss=losses.get_loss(train.loss, len(class_names), train.class_weights),
         metrics=metrics.get_metrics(class_names),
         steps_per_execution=train.steps_per_execution,
-        jit_compile=False,  # XLA was slower on CPU (3D convolutions 12x); users on GPUs may turn it on.
+        jit_compile=False,  # XLA was slower on CPU (3D convolutions 12x slower), so it stays off.
     )
 
 
@@ -130,9 +130,7 @@ class AtomicCheckpoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / f".last.{os.getpid()}.tmp.keras"
-        self.model.save(tmp)
-        os.replace(tmp, self.folder / "last.keras")
+        save_model_atomic(self.model, self.folder / "last.keras")
         write_json_atomic({"epoch": epoch + 1, "elapsed_s": self.time_budget.elapsed_s(), "metrics": logs or {}},
                           self.folder / "state.json")
 
@@ -217,19 +215,16 @@ def train_final_model(config: Config, resume: bool = False) -> TrainResult:
         if out_dir.exists():
             for stale in [checkpoint_dir / "last.keras", state_path, out_dir / "history.csv"]:
                 stale.unlink(missing_ok=True)
-        model = build_compiled_model(train_settings, input_shape, config.classes)
+            shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
+        try:
+            model = build_compiled_model(train_settings, input_shape, config.classes)
+        except ValueError as error:  # e.g. a missing encoder weights file: the user's setting, named.
+            raise ConfigError(f"train.model: {error}") from None
         if train_settings.model.freeze_encoder_epochs > 0:
             models.set_encoder_trainable(model, False)
             compile_model(model, train_settings, config.classes)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_resolved_config(config, config.experiment_dir)
-    save_resolved_config(config, out_dir)
-    write_json_atomic({"source": source, "settings": train_settings.model_dump(mode="json")},
-                      out_dir / "hyperparameters.json")
-    # What inference needs to prepare new images exactly as the training slices were prepared.
-    write_json_atomic({**manifest["preprocessing"], "classes": config.classes, "channels": manifest["channels"]},
-                      out_dir / "preprocessing.json")
 
     time_budget = TimeBudget(train_settings.time_budget_minutes, already_spent_s=spent_s)
     callbacks = [
@@ -246,6 +241,15 @@ def train_final_model(config: Config, resume: bool = False) -> TrainResult:
                         shuffle=False, verbose=2)  # The dataset shuffles itself.
     seconds = time.monotonic() - started
     epochs_done = len(history.epoch)
+    # The files that describe model.keras are replaced together with it, only once training succeeded,
+    # so a failed run never pairs an earlier model with a later run's settings.
+    save_resolved_config(config, config.experiment_dir)
+    save_resolved_config(config, out_dir)
+    write_json_atomic({"source": source, "settings": train_settings.model_dump(mode="json")},
+                      out_dir / "hyperparameters.json")
+    # What inference needs to prepare new images exactly as the training slices were prepared.
+    write_json_atomic({**manifest["preprocessing"], "classes": config.classes, "channels": manifest["channels"],
+                       "preload_fingerprint": manifest.get("fingerprint")}, out_dir / "preprocessing.json")
     model_path = save_model_atomic(model, out_dir / "model.keras")
 
     from segmenter.evaluation.figures import training_curves_figure

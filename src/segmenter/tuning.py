@@ -23,7 +23,6 @@ import dataclasses
 import os
 import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -34,13 +33,13 @@ import pandas as pd
 import tensorflow as tf
 from keras_tuner.src.engine import tuner_utils
 from pydantic import ValidationError
-from sklearn.model_selection import StratifiedGroupKFold
 
 from segmenter.artifacts import save_resolved_config, write_json_atomic, write_text_atomic
 from segmenter.config import AugmentationConfig, Config, ConfigError, ModelConfig, TrainConfig
-from segmenter.data_pipeline import AUTOTUNE, make_augmenter, make_dataset
+from segmenter.data_pipeline import AUTOTUNE, batch_for_training, make_dataset
 from segmenter.dataset import SliceSet, load_split, read_manifest
 from segmenter.preprocessing import split_train_test
+from segmenter.preprocessing.split import grouped_folds
 from segmenter.training import OBJECTIVE, TimeBudget, apply_hyperparameters, build_compiled_model
 
 # ----------------------------------------------------------------------------------------------------
@@ -69,8 +68,8 @@ from segmenter.training import OBJECTIVE, TimeBudget, apply_hyperparameters, bui
 # ``ct_window`` is a choice of [low, high] intensity windows (Hounsfield units for CT), each given as a
 # pair; a single window is written [[low, high]]. A trial with a window recomputes its input images from
 # the raw intensities the shards keep (``hu_images``) as preload's ``ct_window`` normalisation does:
-# clip to the window, scale to 0..1 (applied after resizing, where preload applies it before, so pixels
-# at the edge of the window differ slightly). The train stage does not apply it: put the best window in
+# clip the resized intensities to the window, scale to 0..1, exactly the images preload would write
+# with that window. The train stage does not apply it: put the best window in
 # ``preload.normalization.window`` (method "ct_window") and run preload again before training.
 DEFAULT_SEARCH_SPACE: dict[str, Any] = {
     "architecture": ["unet"],
@@ -190,38 +189,38 @@ def declare(hp: kt.HyperParameters, name: str, spec: Any):
 # ----------------------------------------------------------------------------------------------------
 # Validation splits of the training slices
 # ----------------------------------------------------------------------------------------------------
+def _training_slices(config: Config) -> tuple[list[str], list[str], list[bool]]:
+    """Ids, split groups and foreground flags of the training slices, grouped as preload grouped them."""
+    manifest = read_manifest(config.preloaded_dir)
+    slices = manifest["splits"]["train"]["slices"]
+    ids = [s["id"] for s in slices]
+    # A single volume was split by slice in preload (see preloading); the search's folds follow suit.
+    groups = ids if manifest.get("split_groups") == "slice" else [s["volume_id"] for s in slices]
+    return ids, groups, [s["labels"] != [0] for s in slices]
+
+
 def validation_indices(config: Config) -> tuple[np.ndarray, np.ndarray]:
     """Split the training slices into search-train and validation parts, grouped by volume like preload."""
-    slices = read_manifest(config.preloaded_dir)["splits"]["train"]["slices"]
-    ids = [s["id"] for s in slices]
-    return split_train_test(ids, [s["volume_id"] for s in slices], [s["labels"] != [0] for s in slices],
-                            config.tune.validation_fraction, config.seed)
+    ids, groups, foreground = _training_slices(config)
+    try:
+        return split_train_test(ids, groups, foreground, config.tune.validation_fraction, config.seed)
+    except ValueError as error:
+        raise ConfigError(f"tune.validation_fraction: {error}") from None
 
 
 def search_folds(config: Config) -> list[tuple[np.ndarray, np.ndarray]]:
     """(train, validation) indices into the training slices, one pair per fold.
 
     ``tune.folds = 1``: the single split of ``validation_indices``. ``tune.folds = k``: k stratified
-    group folds (no patient/volume in two folds), built like preload's split: inputs sorted by id first,
-    so the folds depend only on the ids and the seed.
+    group folds (no patient/volume in two folds), built like preload's split.
     """
     if config.tune.folds == 1:
         return [validation_indices(config)]
-    slices = read_manifest(config.preloaded_dir)["splits"]["train"]["slices"]
-    ids = np.asarray([s["id"] for s in slices])
-    order = np.argsort(ids, kind="stable")
-    groups = np.asarray([s["volume_id"] for s in slices])[order]
-    strata = np.asarray([s["labels"] != [0] for s in slices], dtype=int)[order]
-    num_groups = len(np.unique(groups))
-    if num_groups < config.tune.folds:
-        raise ConfigError(f"tune.folds={config.tune.folds} needs at least that many patients/volumes in the "
-                          f"training split; it has {num_groups}")
-    splitter = StratifiedGroupKFold(n_splits=config.tune.folds, shuffle=True, random_state=config.seed)
-    with warnings.catch_warnings():
-        # Warns when a stratum has fewer members than folds; the folds are still valid, just less balanced.
-        warnings.simplefilter("ignore", UserWarning)
-        return [(np.sort(order[train]), np.sort(order[validation]))
-                for train, validation in splitter.split(np.zeros(len(ids)), strata, groups)]
+    ids, groups, foreground = _training_slices(config)
+    try:
+        return grouped_folds(ids, groups, foreground, config.tune.folds, config.seed)
+    except ValueError as error:
+        raise ConfigError(f"tune.folds={config.tune.folds}: {error} in the training split") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -236,13 +235,8 @@ def windowed_dataset(slices: SliceSet, window: tuple[float, float], num_classes:
     # Preload's ct_window normalisation: clip to the window, then scale it to 0..1.
     dataset = dataset.map(lambda raw, mask: ((tf.clip_by_value(raw, low, high) - low) / (high - low), mask),
                           num_parallel_calls=AUTOTUNE)
-    if shuffle:
-        dataset = dataset.shuffle(min(len(slices), 2048), seed=seed, reshuffle_each_iteration=True)
-    if augmentation is not None:
-        dataset = dataset.map(make_augmenter(augmentation, seed), num_parallel_calls=AUTOTUNE)
-    dataset = dataset.map(lambda image, mask: (image, tf.one_hot(mask, num_classes, dtype=tf.float32)),
-                          num_parallel_calls=AUTOTUNE)
-    return dataset.batch(batch_size).prefetch(AUTOTUNE)
+    return batch_for_training(dataset, len(slices), num_classes, batch_size, augmentation=augmentation,
+                              shuffle=shuffle, seed=seed)
 
 
 class SegmentationHyperModel(kt.HyperModel):
@@ -560,7 +554,8 @@ def run_search(config: Config, overwrite: bool = False) -> Union[TuneResult, Wor
     write_text_atomic(table.to_csv(index=False), out_dir / "trials.csv")
     best_trials = tuner.oracle.get_best_trials(1)
     if not best_trials or best_trials[0].score is None:
-        raise RuntimeError(f"{out_dir}: the search finished no trial with a score; raise tune.time_budget_minutes")
+        raise ConfigError(f"tune.time_budget_minutes: the search finished no trial with a score in {out_dir}; "
+                          "give it more time")
     best = best_trials[0]
     values = {k: v for k, v in best.hyperparameters.values.items() if not k.startswith("tuner/")}
     write_json_atomic({"objective": f"val_{OBJECTIVE}", "direction": "max", "score": best.score,

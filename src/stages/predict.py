@@ -15,6 +15,8 @@ def main(argv=None, prog=None) -> int:
     parser.add_argument("--output", type=Path, default=None,
                         help="where --input masks go (default: experiments/<experiment>/predict/<input folder name>)")
     args = parser.parse_args(argv)
+    if args.output is not None and args.input is None:
+        parser.error("--output goes with --input; the test-set masks always go to predict/test")
     config = cli.load_config_or_exit(args)
     cli.quiet_tensorflow()
     from segmenter import inference

@@ -23,7 +23,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from segmenter.artifacts import atomic_directory, write_json_atomic, write_text_atomic
+from segmenter.artifacts import atomic_directory, check_replaceable_folder, write_json_atomic, write_text_atomic
 from segmenter.errors import InputError
 from segmenter.evaluation import figures
 from segmenter.evaluation.report import write_report
@@ -217,22 +217,8 @@ def evaluate_folders(
 
 
 def check_output_folder(out_dir: Path, inputs: Sequence[Path]) -> None:
-    """Refuse an output folder that would replace input data or an unrelated folder.
-
-    The output folder is replaced whole, so it may not be, or lie above, any input folder, and an
-    existing non-empty one must hold an earlier evaluation output (one of ``OUTPUT_MARKERS``).
-    """
-    out = Path(out_dir).resolve()
-    for folder in inputs:
-        folder = Path(folder).resolve()
-        if out == folder or out in folder.parents:
-            raise InputError(out_dir, f"the output folder would replace the input folder {folder}; "
-                                      "choose another --out")
-    if out.is_file():
-        raise InputError(out_dir, "the output folder is a file")
-    if out.is_dir() and any(out.iterdir()) and not any((out / name).is_file() for name in OUTPUT_MARKERS):
-        raise InputError(out_dir, "exists and is not an earlier evaluation output, so it is not replaced; "
-                                  "choose a new or empty --out folder")
+    """Refuse an --out folder that would replace input data or an unrelated folder."""
+    check_replaceable_folder(out_dir, inputs, OUTPUT_MARKERS, "--out")
 
 
 def _read_pairs(pairs: MaskPairs) -> Iterator[tuple[str, tuple[LoadedImage, LoadedImage]]]:

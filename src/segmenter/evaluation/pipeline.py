@@ -13,12 +13,12 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from segmenter.artifacts import atomic_directory, read_json, save_resolved_config, write_json_atomic, write_text_atomic
+from segmenter.artifacts import atomic_directory, save_resolved_config, write_json_atomic, write_text_atomic
 from segmenter.config import Config
 from segmenter.dataset import SliceSet, load_split, read_manifest
 from segmenter.evaluation import figures
 from segmenter.evaluation.report import write_report
-from segmenter.evaluation.tables import distance_unit, metrics_table, summarize, summary_lines
+from segmenter.evaluation.tables import distance_unit, known_spacing, metrics_table, summarize, summary_lines
 
 DISTRIBUTION_METRICS = ("dice", "iou", "hd95", "assd", "nsd")
 
@@ -31,10 +31,6 @@ class EvaluateResult:
     def __str__(self) -> str:
         lines = [f"Evaluated {self.summary['n_images']} test images ({self.output_dir}):", *summary_lines(self.summary)]
         return "\n".join([*lines, str(self.output_dir / "report.html")])
-
-
-def _spacing_or_none(spacing: np.ndarray) -> Optional[tuple]:
-    return None if spacing is None or np.isnan(spacing).any() else tuple(float(s) for s in spacing)
 
 
 def load_predictions(prediction_dir: Path, ids) -> np.ndarray:
@@ -66,7 +62,7 @@ def _draw_figures(folder: Path, test: SliceSet, preds: np.ndarray, table: pd.Dat
             path = figures.comparison_figure(
                 display[i], test.masks[i], preds[i], class_id, class_name,
                 f"{class_name}, {rank} case: {slice_id}", folder / f"compare_{class_name}_{rank}.png", window,
-                spacing=_spacing_or_none(test.spacing[i]))
+                spacing=known_spacing(test.spacing[i]))
             comparisons.append((path, f"{class_name}: {rank} case by Dice ({slice_id}, Dice {row.dice:.3f})"))
     sections["Best, median and worst cases"] = comparisons
     sections["All test cases"] = [(figures.case_grid_figure(list(display), list(test.masks), list(preds),
@@ -114,7 +110,10 @@ def evaluate_experiment(config: Config) -> EvaluateResult:
     manifest = read_manifest(config.preloaded_dir)
     test = load_split(config.preloaded_dir, "test")
     preds = load_predictions(config.stage_dir("predict") / "test", test.ids)
-    spacings = [_spacing_or_none(s) for s in test.spacing]
+    spacings = [known_spacing(s) for s in test.spacing]
+    if distance_unit(spacings) == "pixels":
+        # Some slices without a spacing (e.g. PNG mixed with DICOM): one unit for all, pixels.
+        spacings = [None] * len(spacings)
     intensities = test.hu_images if test.hu_images is not None else [None] * len(test)
     table = metrics_table(zip(test.ids, test.masks, preds, spacings, intensities), config.classes,
                           config.evaluate.nsd_tolerance)
