@@ -121,6 +121,29 @@ def test_read_csv_variants(tmp_path, name, text):
     assert image.spacing is None and image.affine is None and image.source == path
 
 
+LABEL_MAP_TEXTS = {
+    "one_digit": "0,1,2\n2,0,1\n",
+    "one_digit_no_final_newline": "0;1;2\n2;0;1",
+    "one_digit_tabs": "0\t1\t2\n2\t0\t1\n",
+    "two_digit_label": "0,1,12\n2,0,1\n",
+    "windows_line_ends": "0,1,2\r\n2,0,1\r\n",
+    "spaces": "0, 1, 2\n2, 0, 1\n",
+    "header": "a,b,c\n0,1,2\n2,0,1\n",
+    "float_cells": "0.0,1,2\n2,0,1.0\n",
+}
+
+
+@pytest.mark.parametrize("name", LABEL_MAP_TEXTS)
+def test_read_csv_label_maps_in_every_layout(tmp_path, name):
+    # One-digit label maps take a fast path of their own; every other layout goes through np.loadtxt.
+    path = tmp_path / f"{name}.csv"
+    path.write_text(LABEL_MAP_TEXTS[name], newline="")
+    expected = [[0, 1, 12 if name == "two_digit_label" else 2], [2, 0, 1]]
+    mask = read_mask(path)
+    assert mask.array.dtype == np.int32
+    np.testing.assert_array_equal(mask.array, expected)
+
+
 def test_read_csv_single_column(tmp_path):
     path = tmp_path / "column.csv"
     path.write_text("value\n1\n2\n3\n")
@@ -284,6 +307,7 @@ def _make_bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     add("header_only.csv", "a,b\n", "no data rows")
     add("non_numeric.csv", "a,b\n1,2\n3,x\n", "line 3, column 2: 'x' is not a number")
     add("ragged.csv", "1;2;3\n4;5\n", "line 2 has 2 values, expected 3")
+    add("ragged_digits.csv", "0,1,2\n1,0\n2,1,0\n", "line 2 has 2 values, expected 3")
     add("inf.csv", "1,2\ninf,4\n", "contains NaN or infinite values")
     np.save(tmp_path / "nan.npy", np.array([[1.0, np.nan], [0.0, 1.0]]))
     cases["nan.npy"] = (tmp_path / "nan.npy", "contains NaN or infinite values")
@@ -299,7 +323,7 @@ def _make_bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
 
 BAD_FILES = ["garbage.png", "truncated.png", "truncated.npy", "truncated.nii.gz", "garbage.nii", "garbage.dcm",
              "truncated.dcm", "empty.csv", "blank.csv", "header_only.csv", "non_numeric.csv", "ragged.csv",
-             "inf.csv", "nan.npy", "inf.nii.gz", "no_pixels.dcm", "missing.png", "notes.txt"]
+             "ragged_digits.csv", "inf.csv", "nan.npy", "inf.nii.gz", "no_pixels.dcm", "missing.png", "notes.txt"]
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """The preload stage: formats, pairing, filters, the split, up-to-date runs and bad input."""
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -67,6 +68,12 @@ def test_same_inputs_give_same_split_and_are_up_to_date(tmp_path):
     assert again.up_to_date and "up to date" in str(again)
     redone = preload(config, overwrite=True, log=lambda *_: None)
     assert not redone.up_to_date and set(load_split(redone.output_dir, "test").ids) == test_ids
+    # A first run or --overwrite hashes the sources while processing them; the up-to-date check hashes them
+    # first. Both must record the same digests, or every run after an --overwrite would redo the work.
+    sources = read_manifest(redone.output_dir)["sources"]
+    assert sources == {str(path): hashlib.sha256(path.read_bytes()).hexdigest()
+                       for path in sorted((data / "images").iterdir()) + sorted((data / "masks").iterdir())}
+    assert preload(config, log=lambda *_: None).up_to_date
     # A changed source file makes it stale.
     np.save(data / "masks" / "0.npy", np.zeros((32, 32), np.int64))
     assert not preload(config, log=lambda *_: None).up_to_date

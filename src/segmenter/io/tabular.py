@@ -35,6 +35,31 @@ def _is_number(cell: str) -> bool:
     return True
 
 
+def _parse_one_digit_cells(raw: bytes, delimiter: str):
+    """The values of a CSV file whose cells are all one digit ("0,1,2\\n"), or None if it is not such a file.
+
+    Label maps are written this way, and np.loadtxt spends about 4 ms on a 512 x 512 one; taking every
+    other byte reads it ten times faster. No header, no blank lines, "\\n" line ends; anything else (a
+    header, "\\r\\n", spaces, two-digit labels) returns None and goes to np.loadtxt.
+    """
+    if raw and not raw.endswith(b"\n"):
+        raw += b"\n"
+    first_line_end = raw.find(b"\n") + 1
+    if first_line_end < 2 or first_line_end % 2 or len(raw) % 2:
+        return None
+    data = np.frombuffer(raw, dtype=np.uint8)
+    digits, separators = data[0::2], data[1::2]
+    # The first line alone rejects most files that are not of this kind before the whole file is scanned.
+    for end in (first_line_end // 2, len(separators)):
+        if not ((digits[:end] - ord("0") <= 9).all()  # uint8: bytes below "0" wrap round to large values
+                and ((separators[:end] == ord(delimiter)) | (separators[:end] == ord("\n"))).all()):
+            return None
+    width, line_ends = first_line_end // 2, np.flatnonzero(separators == ord("\n"))
+    if len(separators) % width or not np.array_equal(line_ends, np.arange(width - 1, len(separators), width)):
+        return None  # ragged rows: np.loadtxt and then the slow path name the line
+    return (digits - ord("0")).astype(np.int64).reshape(-1, width)
+
+
 def _parse_with_numpy(path: Path):
     """Parse a well-formed numeric CSV file with np.loadtxt's C parser (4x faster than cell by cell).
 
@@ -51,19 +76,31 @@ def _parse_with_numpy(path: Path):
     delimiter = sniff_delimiter(first_line)
     cells = [cell.strip() for cell in next(csv.reader([first_line], delimiter=delimiter))]
     has_header = not all(_is_number(cell) for cell in cells)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "input contained no data": handled below
-            values = np.loadtxt(path, delimiter=delimiter, comments=None, ndmin=2, dtype=np.float64,
-                                encoding="utf-8-sig", quotechar='"',
-                                skiprows=header_line_number if has_header else 0)
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    return values if values.size else None
+    one_digit_first_line = len(first_line) == 2 * len(cells) and all(len(c) == 1 and c.isdigit() for c in cells)
+    if not has_header and header_line_number == 1 and one_digit_first_line:
+        one_digit = _parse_one_digit_cells(Path(path).read_bytes(), delimiter)
+        if one_digit is not None:
+            return one_digit
+    # Integers (Hounsfield units, label maps) parse 1.5x faster as int64 than as float64. A file with a
+    # decimal point, an exponent or a NaN fails that parse at its first such cell and is parsed as floats.
+    for dtype in (np.int64, np.float64):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "input contained no data": handled below
+                values = np.loadtxt(path, delimiter=delimiter, comments=None, ndmin=2, dtype=dtype,
+                                    encoding="utf-8-sig", quotechar='"',
+                                    skiprows=header_line_number if has_header else 0)
+        except (ValueError, OverflowError):
+            continue
+        except (OSError, UnicodeDecodeError):
+            return None
+        return values if values.size else None
+    return None
 
 
 def read_csv(path: Path) -> LoadedImage:
-    """Read a CSV file of numbers into a 2D float64 array (rows, cols); no spacing, no affine.
+    """Read a CSV file of numbers into a 2D array (rows, cols): int64 if every cell is an integer, else
+    float64; no spacing, no affine.
 
     Raises InputError (one line naming the file) for an unreadable or empty file, a header without data,
     rows of different lengths (naming the line) and non-numeric cells (naming line and column).
