@@ -17,44 +17,10 @@ import pytest
 from segmenter.config import build_config
 from segmenter.preloading import preload
 from tests.conftest import run_cli, write_config
+from tests.test_io import write_dicom_slice
 from tests.test_preload import make_png_npy_set
 
 SIZE = 32  # rows and columns of the generated slices
-
-
-def write_dicom(path: Path, pixels: np.ndarray | None, position=(0.0, 0.0, 0.0), rows_cols=(SIZE, SIZE),
-                series_uid: str = "1.2.826.0.1.3680043.8.498.1") -> Path:
-    """A minimal single-frame CT DICOM file; ``pixels=None`` leaves out the pixel data."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset = Dataset()
-    dataset.file_meta = meta
-    dataset.SOPClassUID = CTImageStorage
-    dataset.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    dataset.SeriesInstanceUID = series_uid
-    dataset.Modality = "CT"
-    dataset.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    dataset.ImagePositionPatient = list(position)
-    dataset.PixelSpacing = [1, 1]
-    dataset.SliceThickness = 1
-    dataset.RescaleSlope = 1
-    dataset.RescaleIntercept = -1024
-    dataset.Rows, dataset.Columns = rows_cols if pixels is None else pixels.shape
-    dataset.SamplesPerPixel = 1
-    dataset.PhotometricInterpretation = "MONOCHROME2"
-    dataset.BitsAllocated = dataset.BitsStored = 16
-    dataset.HighBit = 15
-    dataset.PixelRepresentation = 0
-    if pixels is not None:
-        dataset.PixelData = np.ascontiguousarray(pixels, dtype=np.uint16).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    dataset.save_as(path, enforce_file_format=True)
-    return path
 
 
 def grey_image(seed: int = 0) -> np.ndarray:
@@ -129,14 +95,16 @@ def _empty_folder(data):
 
 
 def _dicom_without_pixel_data(data):
-    write_dicom(replace_image(data, "3", "3.dcm"), pixels=None)
+    write_dicom_slice(replace_image(data, "3", "3.dcm"), np.zeros((SIZE, SIZE), np.uint16), (0, 0, 0),
+                      with_pixels=False)
     return "3.dcm", "no pixel data"
 
 
 def _dicom_series_of_different_sizes(data):
     folder = replace_image(data, "3", "3")
-    write_dicom(folder / "a.dcm", np.full((SIZE, SIZE), 1000), position=(0, 0, 0))
-    write_dicom(folder / "b.dcm", np.full((SIZE // 2, SIZE), 1000), position=(0, 0, 1))
+    folder.mkdir()
+    write_dicom_slice(folder / "a.dcm", np.full((SIZE, SIZE), 1000, np.uint16), (0, 0, 0))
+    write_dicom_slice(folder / "b.dcm", np.full((SIZE // 2, SIZE), 1000, np.uint16), (0, 0, 1))
     return "images/3", f"inconsistent slice sizes: a.dcm is {SIZE}x{SIZE} but b.dcm is {SIZE // 2}x{SIZE}"
 
 
