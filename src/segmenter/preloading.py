@@ -117,11 +117,9 @@ def find_pairs(config: Config, log=print) -> list[CasePair]:
 # ----------------------------------------------------------------------------------------------------
 def remap_labels(mask: np.ndarray, label_map: dict, unmapped: str, num_classes: int, path: Path) -> np.ndarray:
     """Apply ``label_map`` (source label -> class index) and check every label is a configured class."""
-    low, high = int(mask.min()), int(mask.max())
-    if 0 <= low and high <= _MAX_TABLE_LABEL:
-        values = np.flatnonzero(np.bincount(mask.ravel()))  # a histogram: several times faster than np.unique
-    else:
-        values = np.unique(mask)
+    small_labels = 0 <= int(mask.min()) and int(mask.max()) <= _MAX_TABLE_LABEL
+    # A histogram finds the labels several times faster than np.unique.
+    values = np.flatnonzero(np.bincount(mask.ravel())) if small_labels else np.unique(mask)
     lookup = {int(v): int(v) for v in values}
     lookup.update({int(k): int(v) for k, v in label_map.items() if int(k) in lookup})
     if unmapped == "background":
@@ -132,7 +130,7 @@ def remap_labels(mask: np.ndarray, label_map: dict, unmapped: str, num_classes: 
                                "(map them with preload.label_map)")
     if all(source == target for source, target in lookup.items()):
         return mask.astype(np.uint8)  # Nothing to remap (the labels are checked class indices above).
-    if values.size and 0 <= values[0] and values[-1] <= _MAX_TABLE_LABEL:
+    if small_labels:
         # One pass through a lookup table instead of one comparison pass per label.
         table = np.zeros(int(values[-1]) + 1, dtype=np.uint8)
         for source, target in lookup.items():
@@ -333,12 +331,10 @@ def _run_pairs(pairs: list[CasePair], config: Config, workers: _Workers, with_di
     """Yield a _PairOutcome per pair, in the order they finish."""
     # disable=None: a bar on a terminal, none in logs and pipes.
     progress = dict(total=len(pairs), unit="file", desc="preload", mininterval=1.0, disable=None)
-    if not workers.parallel:
-        job = functools.partial(_pair_job, config=config, with_digests=with_digests)
-        yield from tqdm(map(job, pairs), **progress)
-        return
-    job = functools.partial(_pair_job, with_digests=with_digests)
-    yield from tqdm(workers.map(job, pairs, ordered=False, chunksize=4), **progress)
+    # Worker processes have the config already (_init_worker); in this process it is passed along.
+    job = functools.partial(_pair_job, config=None if workers.parallel else config, with_digests=with_digests)
+    outcomes = workers.map(job, pairs, ordered=False, chunksize=4) if workers.parallel else map(job, pairs)
+    yield from tqdm(outcomes, **progress)
 
 
 class _ScratchSlices:
