@@ -143,6 +143,74 @@ def test_output_folder_may_not_replace_an_input(png_folders):
     assert (truth / "case0.png").is_file()
 
 
+def test_images_give_mean_intensity_and_figures_drawn_on_them(png_folders, tmp_path):
+    truth, pred = png_folders
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for case in ("case0", "case1", "case2", "case3", "only_truth"):
+        np.save(images / f"{case}.npy", rng.normal(40, 30, (40, 40)).astype(np.float32))
+    out = tmp_path / "out_hu"
+    result = run_cli("evaluate", "--truth", str(truth), "--pred", str(pred), "--out", str(out), "--classes", CLASSES,
+                     "--images", str(images), "--window=-100,150")
+    assert result.returncode == 0, result.stderr
+    metrics = pd.read_csv(out / "metrics.csv").set_index(["image_id", "class"])
+    image = np.load(images / "case1.npy")
+    for class_id, name in ((1, "muscle"), (2, "fat")):
+        assert metrics.loc[("case1", name), "mean_intensity_true"] == pytest.approx(image[label_map() == class_id].mean())
+        assert metrics.loc[("case1", name), "mean_intensity_pred"] == pytest.approx(
+            image[label_map(shift=1) == class_id].mean())
+    assert (out / "figures" / "bland_altman_mean_intensity.png").is_file()
+    assert (out / "figures" / "correlation_mean_intensity.png").is_file()
+    settings = json.loads((out / "config.resolved.json").read_text())
+    assert settings["display_window"] == [-100.0, 150.0] and settings["images_dir"] == str(images.resolve())
+
+
+def test_a_pair_without_its_image_is_one_line_error(png_folders, tmp_path):
+    truth, pred = png_folders
+    images = tmp_path / "images"
+    images.mkdir()
+    np.save(images / "case0.npy", np.zeros((40, 40), np.float32))
+    out = tmp_path / "out"
+    result = run_cli("evaluate", "--truth", str(truth), "--pred", str(pred), "--out", str(out), "--images", str(images))
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert "case1.png" in result.stderr and "no image of this name" in result.stderr
+    assert not out.exists()
+
+
+def test_volumes_are_turned_to_radiological_display_orientation():
+    """A RAS volume is shown anterior up and patient-right on the left; spacing follows the axes."""
+    from segmenter.evaluation.folders import _in_display_orientation
+    from segmenter.io import LoadedImage
+
+    array = np.zeros((4, 5, 3), np.uint8)
+    array[0, 0, 0] = 1  # most patient-left (x), most posterior (y), most inferior (z) in RAS+
+    ras = LoadedImage(array, (0.5, 0.8, 3.0), np.diag([0.5, 0.8, 3.0, 1.0]), None)
+    truth, pred, image = _in_display_orientation(ras, ras, None)
+    assert image is None and truth.array.shape == (5, 4, 3) and truth.spacing == (0.8, 0.5, 3.0)
+    assert truth.array[-1, -1, 0] == 1  # bottom row (posterior), last column (patient left), first plane
+
+
+def test_scores_do_not_depend_on_how_a_volume_is_stored(tmp_path):
+    """The prediction stored transposed and flipped, with the affine saying so, scores as the same grid."""
+    truth, pred = tmp_path / "truth", tmp_path / "pred"
+    truth.mkdir(), pred.mkdir()
+    volume = np.zeros((20, 16, 6), np.uint8)
+    volume[4:12, 3:9, 1:4] = 1
+    affine = np.diag([0.7, 0.9, 2.5, 1.0])
+    nib.save(nib.Nifti1Image(volume, affine), truth / "v.nii.gz")
+    # Axes swapped and the new first axis flipped: voxel (i, j, k) of the truth is (15 - j, i, k) here.
+    turned = np.flip(np.transpose(volume, (1, 0, 2)), axis=0)
+    to_truth_index = np.array([[0, 1, 0, 0], [-1, 0, 0, 15], [0, 0, 1, 0], [0, 0, 0, 1]], float)
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(turned), affine @ to_truth_index), pred / "v.nii.gz")
+    out = tmp_path / "out"
+    result = run_cli("evaluate", "--truth", str(truth), "--pred", str(pred), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    row = pd.read_csv(out / "metrics.csv").iloc[0]
+    assert row["dice"] == 1.0 and row["hd"] == 0.0
+    assert row["area_true"] == pytest.approx(8 * 6 * 3 * 0.7 * 0.9 * 2.5 / 1000)
+
+
 # --- comparing runs --------------------------------------------------------------------------------------
 def write_run(folder, dice_shrink):
     """An evaluation output of 10 images whose predictions shrink the truth by ``dice_shrink[i]`` rows."""

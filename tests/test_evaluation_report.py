@@ -230,7 +230,12 @@ def test_case_grid_is_capped(tmp_path):
     images = [rng.normal(size=(16, 16)) for _ in range(count)]
     masks = [(rng.random((16, 16)) > 0.5).astype(np.uint8) for _ in range(count)]
     ids = [f"c{i}" for i in range(count)]
-    path = figures.case_grid_figure(images, masks, masks, ids, tmp_path / "g.png", None, max_cases=12)
+    shown = figures.grid_indices(count, limit=12)
+    assert len(shown) == 12 and shown[0] == 0 and shown[-1] == count - 1 and shown == sorted(set(shown))
+    assert figures.grid_indices(5, limit=12) == [0, 1, 2, 3, 4]
+    path = figures.case_grid_figure([images[i] for i in shown], [masks[i] for i in shown],
+                                    [masks[i] for i in shown], [ids[i] for i in shown], tmp_path / "g.png", None,
+                                    total=count)
     assert_png(path)
 
 

@@ -76,9 +76,10 @@ def test_predictions(finished_run, tiny_ct_dataset):
     work, _, _ = finished_run
     test = load_split(work / "preloaded" / "tiny_ct", "test")
     predict_dir = work / "experiments" / "tiny_ct" / "predict"
+    # Preload resized the 64 x 64 slices to 32 x 32; test-set masks come back on the original grid.
     for slice_id in test.ids:
         mask = np.load(predict_dir / "test" / f"{slice_id}.npy")
-        assert mask.shape == (32, 32) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+        assert mask.shape == (64, 64) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
     # --input: one mask per input file, under the input's name, at the input's own size.
     outputs = sorted(p.name for p in (predict_dir / "images").glob("*.csv"))
     assert outputs == sorted(p.name for p in (tiny_ct_dataset / "images").glob("*.csv"))
@@ -102,6 +103,19 @@ def test_evaluation(finished_run):
     assert report.stat().st_size > 10_000
     assert outputs["evaluate"].strip().splitlines()[-1] == str(report)
     assert len(list((evaluate / "figures").glob("compare_muscle_*.png"))) == 3
+
+
+def test_evaluation_scores_on_the_original_grid(finished_run, tiny_ct_dataset):
+    """Areas and mean intensities are those of the 64 x 64 source masks and images, not the 32 x 32 copies."""
+    work, _, _ = finished_run
+    evaluate = work / "experiments" / "tiny_ct" / "evaluate"
+    assert json.loads((evaluate / "summary.json").read_text())["resolution"] == "original"
+    metrics = pd.read_csv(evaluate / "metrics.csv", dtype={"image_id": str}).set_index("image_id")
+    for slice_id, row in metrics.iterrows():
+        image = np.loadtxt(tiny_ct_dataset / "images" / f"{slice_id}.csv", delimiter=",")
+        mask = np.loadtxt(tiny_ct_dataset / "masks" / f"{slice_id}.csv", delimiter=",") == 1
+        assert row.area_true == mask.sum()  # pixels: the tiny set has no spacing
+        assert row.mean_intensity_true == pytest.approx(image[mask].mean())
 
 
 def test_preload_again_is_up_to_date(finished_run):

@@ -35,7 +35,11 @@ def test_spine_pipeline_through_the_command_line(tmp_path):
     assert metrics.dice.between(0, 1).all()
     summary = json.loads((evaluate / "summary.json").read_text())
     assert set(summary["classes"]) == {"disc", "vertebra"} and summary["n_images"] == 3
+    assert summary["resolution"] == "original"  # scored on the 256 x 256 source masks, not the 64 x 64 copies
     for slice_id in test.ids:
         mask = np.load(tmp_path / "exp" / "spine_mri" / "predict" / "test" / f"{slice_id}.npy")
-        assert mask.shape == (64, 64) and set(np.unique(mask)) <= {0, 1, 2}
+        assert mask.shape == (256, 256) and set(np.unique(mask)) <= {0, 1, 2}
+        true_disc = np.load(shared_dataset("spine_mri_sagittal") / "masks" / f"{slice_id}.npy") == 1
+        row = metrics[(metrics.image_id.astype(str) == slice_id) & (metrics["class"] == "disc")].iloc[0]
+        assert row.area_true == true_disc.sum()
     assert len(pd.read_csv(tmp_path / "exp" / "spine_mri" / "tune" / "trials.csv")) == 2

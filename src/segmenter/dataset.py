@@ -5,6 +5,7 @@ Layout of ``preloaded_dataset/<experiment>/``::
     manifest.json     splits -> shard files and per-slice records, preprocessing, resolved config
     train.npz         (or train-00000.npz, train-00001.npz, ... when a split exceeds one shard)
     test.npz
+    test-native.npz   the test split at its original resolution (only when preload resized it)
 
 Every shard holds parallel arrays, one entry per slice (row, column order as in scikit-image):
 
@@ -16,11 +17,20 @@ Every shard holds parallel arrays, one entry per slice (row, column order as in 
     spacing      float32 (N, 2)        pixel spacing in mm (row, column) after resizing; NaN when unknown
     hu_images    float32 (N, H, W)     intensities before normalisation (HU for CT), resized like images
 
+``test-native.npz`` keeps, for every test slice, what evaluate scores against when the slices were resized:
+the mask and the intensities on the slice's original grid, as nnU-Net scores on the original spacing.
+Its members are named by slice id, since slices may differ in shape::
+
+    <id>/mask         uint8             (H0, W0)  class indices on the original grid
+    <id>/intensity    int16 or float32  (H0, W0)  intensities before normalisation (int16 when integral)
+    <id>/spacing      float64 (2,)                 original pixel spacing in mm; NaN when unknown
+
 Volumes (3D patch-based work) reuse the same ids, ``volume_ids`` and ``spacing`` vocabulary.
 """
 from __future__ import annotations
 
 import dataclasses
+import zipfile
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -28,6 +38,7 @@ import numpy as np
 
 from segmenter.artifacts import read_json
 
+NATIVE_TEST_FILE = "test-native.npz"
 ARRAY_FIELDS = ("images", "masks", "ids", "volume_ids", "slice_index", "spacing", "hu_images")
 
 
@@ -108,3 +119,57 @@ def iter_split(preloaded_dir: Path, split: str) -> Iterator[SliceSet]:
 def load_split(preloaded_dir: Path, split: str) -> SliceSet:
     """Load a whole split into memory."""
     return SliceSet.concatenate(list(iter_split(preloaded_dir, split)))
+
+
+@dataclasses.dataclass
+class NativeSlice:
+    """One test slice on its original grid (see the module docstring)."""
+
+    mask: np.ndarray
+    intensity: np.ndarray
+    spacing: np.ndarray
+
+
+def write_native_slice(archive: zipfile.ZipFile, slice_id: str, mask: np.ndarray, intensity: np.ndarray,
+                       spacing) -> None:
+    """Add one slice to an open ``test-native.npz`` (a stored, uncompressed zip, as np.savez writes it)."""
+    arrays = {
+        "mask": np.ascontiguousarray(mask, dtype=np.uint8),
+        "intensity": _compact_intensity(intensity),
+        "spacing": np.array(spacing if spacing is not None else [np.nan, np.nan], dtype=np.float64),
+    }
+    for name, array in arrays.items():
+        with archive.open(f"{slice_id}/{name}.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array(member, array, allow_pickle=False)
+
+
+def _compact_intensity(intensity: np.ndarray) -> np.ndarray:
+    """int16 for integral intensities that fit (CT in HU: half the bytes of float32, exactly), else float32."""
+    array = np.asarray(intensity)
+    # Readers hand over float32 even for integer files (PNG, CSV, DICOM after the rescale), so check values.
+    if array.size and -32768 <= array.min() and array.max() <= 32767 and np.array_equal(array, np.rint(array)):
+        return array.astype(np.int16)
+    return array.astype(np.float32)
+
+
+class NativeTestSlices:
+    """Read access by slice id to ``test-native.npz``; members are read on demand, one slice at a time."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._archive = np.load(self.path, allow_pickle=False)
+
+    def __getitem__(self, slice_id: str) -> NativeSlice:
+        try:
+            return NativeSlice(*(self._archive[f"{slice_id}/{name}"] for name in ("mask", "intensity", "spacing")))
+        except KeyError:
+            raise KeyError(f"{self.path}: no slice {slice_id!r}; run the preload stage again") from None
+
+    def close(self) -> None:
+        self._archive.close()
+
+
+def open_native_test(preloaded_dir: Path) -> Optional[NativeTestSlices]:
+    """The test split on its original grid, or None when preload did not resize it (nothing to keep)."""
+    name = read_manifest(preloaded_dir)["splits"]["test"].get("native")
+    return NativeTestSlices(Path(preloaded_dir) / name) if name else None

@@ -22,7 +22,7 @@ from segmenter import io
 from segmenter.artifacts import (atomic_directory, check_replaceable_folder, read_json, save_resolved_config,
                                  write_json_atomic)
 from segmenter.config import Config, NormalizationConfig
-from segmenter.dataset import iter_split
+from segmenter.dataset import iter_split, read_manifest
 from segmenter.errors import InputError
 from segmenter.preprocessing import prepare_image
 
@@ -59,12 +59,17 @@ def predict_test_set(config: Config) -> PredictResult:
     """Write ``predict/test/<id>.npy`` (uint8 label maps at the preloaded size) for every test slice."""
     model, _ = load_trained_model(config)
     out_dir = config.stage_dir("predict") / "test"
+    test_split = read_manifest(config.preloaded_dir)["splits"]["test"]
+    # When preload resized the test slices it also kept them at their original size, and evaluate scores
+    # there: the masks are then written on each slice's original grid, as for new images.
+    original_shapes = ({record["id"]: tuple(record["original_shape"]) for record in test_split["slices"]}
+                       if test_split.get("native") else {})
     count = 0
     with atomic_directory(out_dir) as tmp_dir:
         for shard in iter_split(config.preloaded_dir, "test"):
             probabilities = predict_probabilities(model, shard.images, config.predict.batch_size)
-            labels = probabilities.argmax(axis=-1).astype(np.uint8)
-            for slice_id, label_map in zip(shard.ids, labels):
+            for slice_id, slice_probabilities in zip(shard.ids, probabilities):
+                label_map = labels_at_size(slice_probabilities, original_shapes.get(str(slice_id)))
                 np.save(tmp_dir / f"{slice_id}.npy", label_map)  # the folder as a whole is swapped in atomically
                 count += 1
         write_json_atomic({"model": str(config.stage_dir("train") / "model.keras"), "num_masks": count},
@@ -83,11 +88,19 @@ def _predict_image(model, array: np.ndarray, preprocessing: dict, batch_size: in
         slices = [np.take(array, i, axis=slice_axis) for i in range(array.shape[slice_axis])]
     batch = np.stack([prepare_image(s, normalization, size)[1] for s in slices])[..., np.newaxis]
     probabilities = predict_probabilities(model, batch, batch_size)
-    # Probabilities, not labels, are resized back to the original grid, then the argmax is taken:
-    # nearest-neighbour on labels would give blocky borders when the model ran at a lower resolution.
-    labels = [resize(p, (*s.shape, p.shape[-1]), order=1, preserve_range=True).argmax(-1).astype(np.uint8)
-              for p, s in zip(probabilities, slices)]
+    labels = [labels_at_size(p, s.shape) for p, s in zip(probabilities, slices)]
     return labels[0] if array.ndim == 2 else np.stack(labels, axis=slice_axis)
+
+
+def labels_at_size(probabilities: np.ndarray, shape: Optional[tuple]) -> np.ndarray:
+    """The label map (uint8) of one slice's (H, W, classes) probabilities, resized to ``shape`` (None: as is).
+
+    Probabilities, not labels, are resized, then the argmax is taken: nearest-neighbour on labels would
+    give blocky borders when the model ran at a lower resolution.
+    """
+    if shape is not None and tuple(shape) != probabilities.shape[:-1]:
+        probabilities = resize(probabilities, (*shape, probabilities.shape[-1]), order=1, preserve_range=True)
+    return probabilities.argmax(-1).astype(np.uint8)
 
 
 def predict_folder(config: Config, input_dir: Path, output_dir: Optional[Path] = None) -> PredictResult:

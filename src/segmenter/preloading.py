@@ -29,11 +29,12 @@ from tqdm import tqdm
 from segmenter import io
 from segmenter.artifacts import atomic_directory, read_json, sha256_of_file, write_json_atomic
 from segmenter.config import Config
+from segmenter.dataset import NATIVE_TEST_FILE, write_native_slice
 from segmenter.errors import InputError
 from segmenter.preprocessing import prepare_image, resize_mask, resized_spacing, split_train_test
 
 # Bumped whenever what preload writes changes, so an older preloaded dataset is redone, not reused.
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3
 
 # Source labels up to this value are remapped through a lookup table (see remap_labels).
 _MAX_TABLE_LABEL = 65535
@@ -160,8 +161,8 @@ def _slices_of(image, mask, axis: int):
         yield index, np.take(image.array, index, axis=axis), np.take(mask.array, index, axis=axis), spacing2d
 
 
-def process_pair(pair: CasePair, config: Config) -> list[dict]:
-    """Read, validate and preprocess one pair; return one record per kept slice (arrays included)."""
+def _read_pair(pair: CasePair, config: Config) -> tuple[io.LoadedImage, io.LoadedImage]:
+    """The pair's image and its mask remapped to class indices, on the image's grid, with the spacing known."""
     settings = config.preload
     image = io.read_image(pair.image_path)
     mask = io.read_mask(pair.mask_path, reference=image)
@@ -169,7 +170,17 @@ def process_pair(pair: CasePair, config: Config) -> list[dict]:
     if image.spacing is None and settings.pixel_spacing is not None and image.array.ndim == 2:
         image = dataclasses.replace(image, spacing=tuple(settings.pixel_spacing))
     labels = remap_labels(mask.array, settings.label_map, settings.unmapped_labels, config.num_classes, pair.mask_path)
-    mask = dataclasses.replace(mask, array=labels)
+    return image, dataclasses.replace(mask, array=labels)
+
+
+def _slice_id(pair: CasePair, slice_index: int) -> str:
+    return pair.case_id if slice_index < 0 else f"{pair.case_id}_s{slice_index:04d}"
+
+
+def process_pair(pair: CasePair, config: Config) -> list[dict]:
+    """Read, validate and preprocess one pair; return one record per kept slice (arrays included)."""
+    settings = config.preload
+    image, mask = _read_pair(pair, config)
     records = []
     shape = tuple(settings.image_size)
     for slice_index, image2d, mask2d, spacing in _slices_of(image, mask, settings.slice_axis):
@@ -183,7 +194,7 @@ def process_pair(pair: CasePair, config: Config) -> list[dict]:
             continue
         raw, normalised = prepare_image(np.asarray(image2d, dtype=np.float32), settings.normalization, shape)
         records.append({
-            "id": pair.case_id if slice_index < 0 else f"{pair.case_id}_s{slice_index:04d}",
+            "id": _slice_id(pair, slice_index),
             "volume_id": pair.group_id,
             "slice_index": slice_index,
             "source_image": str(pair.image_path),
@@ -196,6 +207,27 @@ def process_pair(pair: CasePair, config: Config) -> list[dict]:
             "mask": resized_mask,
         })
     return records
+
+
+def native_slices(pair: CasePair, slice_ids: frozenset, config: Config) -> list[tuple]:
+    """(id, mask, intensity, spacing) of the pair's slices in ``slice_ids``, on their original grid.
+
+    Run after the split, for the test slices only: evaluate scores them at the resolution they were
+    annotated at, not at preload.image_size.
+    """
+    image, mask = _read_pair(pair, config)
+    return [(_slice_id(pair, index), mask2d, image2d, spacing)
+            for index, image2d, mask2d, spacing in _slices_of(image, mask, config.preload.slice_axis)
+            if _slice_id(pair, index) in slice_ids]
+
+
+def _native_job(job: tuple[CasePair, frozenset], config: Optional[Config] = None):
+    """(slices, None) or (None, one-line error): InputError does not survive pickling between processes."""
+    pair, slice_ids = job
+    try:
+        return native_slices(pair, slice_ids, config or _worker_config), None
+    except InputError as error:
+        return None, str(error)
 
 
 # Set in each worker process by _init_worker, so the config crosses the process boundary once, not per job.
@@ -427,7 +459,8 @@ def preload(config: Config, overwrite: bool = False, skip_invalid: Optional[bool
         if hash_first:
             source_hashes = _hash_sources(pairs, workers)
             old = read_json(manifest_path)
-            shards = [output_dir / name for split in old.get("splits", {}).values() for name in split["shards"]]
+            shards = [output_dir / name for split in old.get("splits", {}).values()
+                      for name in [*split["shards"], *([split["native"]] if split.get("native") else [])]]
             if old.get("fingerprint") == _fingerprint(config, source_hashes) and all(p.is_file() for p in shards):
                 return PreloadResult(output_dir, old["splits"]["train"]["num_slices"],
                                      old["splits"]["test"]["num_slices"], old.get("skipped", []), up_to_date=True)
@@ -450,13 +483,13 @@ def preload(config: Config, overwrite: bool = False, skip_invalid: Optional[bool
                     for record in outcome.records:
                         record["row"] = scratch.append(record)  # keeps only the small record in memory
                         records.append(record)
-                workers.close()  # the workers' memory is not needed while the shards are written
                 scratch.finish_writing()
                 skipped.sort(key=lambda entry: entry["case_id"])  # workers finish in any order
                 if not hash_first:
                     source_hashes = dict(sorted(digests.items()))
                 manifest = _split_and_write(config, records, skipped, scratch, tmp_dir,
-                                            _fingerprint(config, source_hashes), source_hashes, log)
+                                            _fingerprint(config, source_hashes), source_hashes, log,
+                                            pairs, workers)
             for path in (tmp_dir / "scratch").iterdir():
                 path.unlink()
             (tmp_dir / "scratch").rmdir()
@@ -484,9 +517,40 @@ def _split_groups(config: Config, records: list[dict], log) -> tuple[list[str], 
     raise InputError(config.preload.input_dir, f"cannot split into train and test: {what} ({groups[0]})")
 
 
+def _write_native_test(path: Path, test_records: list[dict], pairs: list[CasePair], config: Config,
+                       workers: _Workers) -> None:
+    """Write ``test-native.npz`` (see segmenter.dataset): the test slices read again, on their original grid.
+
+    A second read of the test pairs (a fifth of the data by default) costs less than carrying every
+    slice's original-size arrays through the scratch files until the split is known.
+    """
+    wanted: dict[str, set] = collections.defaultdict(set)
+    for record in test_records:
+        wanted[record["source_image"]].add(record["id"])
+    jobs = [(pair, frozenset(wanted[str(pair.image_path)])) for pair in pairs if str(pair.image_path) in wanted]
+    job = functools.partial(_native_job, config=None if workers.parallel else config)
+    outcomes = workers.map(job, jobs, ordered=False, chunksize=4) if workers.parallel else map(job, jobs)
+    written = 0
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for slices, error in outcomes:
+            if error:
+                raise InputError(None, f"{error} (while reading the test slices again at their original size)")
+            for slice_id, mask2d, image2d, spacing in slices:
+                write_native_slice(archive, slice_id, mask2d, image2d, spacing)
+                written += 1
+    if written != len(test_records):
+        raise InputError(config.preload.input_dir, f"{len(test_records) - written} test slices changed while "
+                                                   "preload ran (read again at their original size, they were gone)")
+
+
 def _split_and_write(config: Config, records: list[dict], skipped: list[dict], scratch: _ScratchSlices,
-                     folder: Path, fingerprint: str, source_hashes: dict, log) -> dict:
-    """Split the records, write the shards of each split into ``folder`` and return the manifest."""
+                     folder: Path, fingerprint: str, source_hashes: dict, log, pairs: list[CasePair],
+                     workers: _Workers) -> dict:
+    """Split the records, write the shards of each split into ``folder`` and return the manifest.
+
+    When preload resized any test slice, the test split is also kept at its original size
+    (``test-native.npz``) for the evaluate stage.
+    """
     if skipped:
         log(f"Skipped {len(skipped)} invalid pairs (--skip-invalid):")
         for entry in skipped:
@@ -517,6 +581,11 @@ def _split_and_write(config: Config, records: list[dict], skipped: list[dict], s
         "splits": {},
         "config": config.to_jsonable(),
     }
+    test_records = [records[i] for i in test_idx]
+    resized = any(tuple(r["original_shape"]) != tuple(config.preload.image_size) for r in test_records)
+    if resized:
+        _write_native_test(folder / NATIVE_TEST_FILE, test_records, pairs, config, workers)
+    workers.close()  # the workers' memory is not needed while the shards are written
     for split, indices in (("train", train_idx), ("test", test_idx)):
         split_records = sorted((records[i] for i in indices), key=lambda r: r["id"])
         shards = _write_shards(folder, split, split_records, scratch, config.preload.shard_size)
@@ -530,4 +599,5 @@ def _split_and_write(config: Config, records: list[dict], skipped: list[dict], s
             "slices_with_label": label_counts,
             "slices": [{k: v for k, v in r.items() if k != "row"} for r in split_records],
         }
+    manifest["splits"]["test"]["native"] = NATIVE_TEST_FILE if resized else None
     return manifest

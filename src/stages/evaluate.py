@@ -6,8 +6,11 @@ Three modes:
       an experiment: reads the preloaded test split and experiments/<experiment>/predict/test/; writes
       experiments/<experiment>/evaluate/ (metrics.csv, summary.json, figures/, report.html).
   segmenter evaluate --truth DIR --pred DIR --out DIR [--classes background,liver] [--spacing 0.8,0.8]
+                     [--images DIR [--window=-200,200]]
       any two folders of masks (PNG, NPY, CSV, NIfTI, DICOM), paired by file name without the suffix;
-      spacing from NIfTI/DICOM headers, else --spacing, else pixels. Writes the same files into --out.
+      spacing from NIfTI/DICOM headers, else --spacing, else pixels. With --images (same names), the
+      mean intensity inside each mask (HU for CT) and figures drawn on the image in --window.
+      Writes the same files into --out.
   segmenter evaluate --compare RUN_DIR RUN_DIR [...] [--out DIR]
       two or more runs (folders with metrics.csv and summary.json): per-class means side by side,
       paired plots of per-image Dice and Wilcoxon signed-rank tests; writes comparison.csv,
@@ -40,6 +43,16 @@ def _spacing(text: str) -> tuple:
     return values
 
 
+def _window(text: str) -> tuple:
+    try:
+        low, high = (float(value) for value in text.split(","))
+    except ValueError:
+        low = high = float("nan")
+    if not (low < high and abs(low) < float("inf") and abs(high) < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH with LOW < HIGH, e.g. -200,200; got {text!r}")
+    return low, high
+
+
 def _tolerance(text: str) -> float:
     try:
         value = float(text)
@@ -59,6 +72,12 @@ def main(argv=None, prog=None) -> int:
                          help="class names, background first (default: background,class_1,... to the largest label)")
     folders.add_argument("--spacing", type=_spacing, metavar="MM,MM",
                          help="pixel spacing in mm per axis for files without one in their header (PNG, NPY, CSV)")
+    folders.add_argument("--images", type=Path, metavar="DIR",
+                         help="folder of the images, same names as the masks: mean intensity inside each mask "
+                              "(HU for CT) and figures on the image; masks are scored on the image's grid")
+    folders.add_argument("--window", type=_window, metavar="LOW,HIGH",
+                         help="display window of the figures' images, e.g. --window=-200,200 for CT in HU (with "
+                              "'=': the value starts with a minus); default: each image's 1st-99th percentile")
     folders.add_argument("--nsd-tolerance", type=_tolerance, default=2.0, metavar="DISTANCE",
                          help="normalised surface Dice tolerance, mm (pixels without spacing); default 2")
     compare = parser.add_argument_group("comparing runs (no --config)")
@@ -68,12 +87,13 @@ def main(argv=None, prog=None) -> int:
                         help="output folder of the --truth/--pred and --compare modes")
     args = parser.parse_args(argv)
 
-    folder_options = args.truth or args.pred or args.classes or args.spacing
+    folder_options = args.truth or args.pred or args.classes or args.spacing or args.images or args.window
     if (args.compare or folder_options) and (args.config or args.overrides):
         parser.error("--config and --set belong to the experiment mode, not to --truth/--pred or --compare")
     if args.compare:
         if folder_options:
-            parser.error("--compare cannot be combined with --truth, --pred, --classes or --spacing")
+            parser.error("--compare cannot be combined with --truth, --pred, --classes, --spacing, --images "
+                         "or --window")
         if len(args.compare) < 2:
             parser.error("--compare needs two or more run folders")
         from segmenter.evaluation import compare as comparison
@@ -82,11 +102,13 @@ def main(argv=None, prog=None) -> int:
     if folder_options:
         if not (args.truth and args.pred and args.out):
             parser.error("--truth, --pred and --out are all needed to evaluate two folders of masks")
+        if args.window and not args.images:
+            parser.error("--window sets how --images are shown; it needs --images")
         from segmenter.evaluation import folders as mask_folders
 
         return cli.run_stage(lambda: mask_folders.evaluate_folders(
             args.truth, args.pred, args.out, class_names=args.classes, spacing=args.spacing,
-            nsd_tolerance=args.nsd_tolerance))
+            images_dir=args.images, display_window=args.window, nsd_tolerance=args.nsd_tolerance))
     if args.out:
         parser.error("--out belongs to the --truth/--pred and --compare modes; an experiment writes to "
                      "experiments/<experiment>/evaluate/")

@@ -92,19 +92,21 @@ def comparison_figure(
     # The tolerance does not matter here: only Dice and HD95 are shown.
     metrics = segmentation_metrics(truth, pred, spacing, nsd_tolerance=1.0)
     low, high = _window(image, display_window) if has_image else (0.0, 1.0)
+    # Pixels drawn with their physical shape (row mm / column mm), so anisotropic slices are not distorted.
+    aspect = 1.0 if spacing is None else spacing[0] / spacing[1]
 
     figure = Figure(figsize=(13, 3.9) if has_image else (10, 3.9))
     axes = list(figure.subplots(1, 4 if has_image else 3))
     if has_image:
-        axes[0].imshow(image, cmap="gray", vmin=low, vmax=high)
+        axes[0].imshow(image, cmap="gray", vmin=low, vmax=high, aspect=aspect)
         axes[0].set_title(f"Image (window {low:.4g} to {high:.4g})")
     true_axis, pred_axis, overlay_axis = axes[-3:]
-    true_axis.imshow(truth, cmap="gray", vmin=0, vmax=1)
+    true_axis.imshow(truth, cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
     true_axis.set_title(f"True {class_name}")
-    pred_axis.imshow(pred, cmap="gray", vmin=0, vmax=1)
+    pred_axis.imshow(pred, cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
     pred_axis.set_title(f"Predicted {class_name}")
-    overlay_axis.imshow(image, cmap="gray", vmin=low, vmax=high)
-    overlay_axis.imshow(_overlay_codes(truth, pred), cmap=_OVERLAY_CMAP, vmin=0, vmax=3,
+    overlay_axis.imshow(image, cmap="gray", vmin=low, vmax=high, aspect=aspect)
+    overlay_axis.imshow(_overlay_codes(truth, pred), cmap=_OVERLAY_CMAP, vmin=0, vmax=3, aspect=aspect,
                         alpha=0.6 if has_image else 1.0, interpolation="nearest")
     overlay_axis.set_title("Overlay")
     figure.legend(handles=_OVERLAY_LEGEND, loc="lower center", ncol=3, fontsize=9, frameon=False)
@@ -140,6 +142,11 @@ def select_cases(table: pd.DataFrame, class_name: str) -> dict[str, str]:
     return {"best": ids[0], "median": ids[len(ids) // 2], "worst": ids[-1]}
 
 
+def grid_indices(count: int, limit: int = MAX_GRID_CASES) -> list[int]:
+    """Which of ``count`` cases the case grid shows: all of them, or ``limit`` evenly spaced ones."""
+    return np.unique(np.linspace(0, count - 1, min(count, limit)).round().astype(int)).tolist() if count else []
+
+
 def case_grid_figure(
     images: Optional[Sequence[np.ndarray]],
     truths: Sequence[np.ndarray],
@@ -148,30 +155,33 @@ def case_grid_figure(
     path: Path,
     display_window: Optional[tuple[float, float]] = None,
     *,
-    max_cases: int = MAX_GRID_CASES,
+    total: Optional[int] = None,
 ) -> Path:
     """A grid of test cases, each with the agreement overlay of all foreground classes and its Dice.
 
     A foreground pixel counts as agreement when both label maps hold the same class there, as missed
     when the truth's class is not predicted there (including a wrong class), and as extra when the
-    prediction marks foreground on true background. Beyond ``max_cases`` images, evenly spaced cases
-    are shown and the title says how many.
+    prediction marks foreground on true background. Every case given is drawn; pass the cases that
+    :func:`grid_indices` picks, and ``total``, the number of cases they were picked from, for the title.
 
     Parameters
     ----------
     images, truths, preds : sequences of ndarray, shape (row, column) [, channel]
-        ``images`` may be None (masks without their images): overlays are then drawn on black.
+        ``images`` may be None (masks without their images): overlays are then drawn on black. Cases
+        may differ in shape.
     ids : sequence of str
     path : Path
     display_window : (float, float) or None
         None uses each image's 1st-99th percentile.
-    max_cases : int
+    total : int or None
+        How many cases there are in all; None: as many as given.
     """
-    total = len(ids)
+    count = len(ids)
+    total = count if total is None else total
     has_images = images is not None
-    if not ((len(images) if has_images else total) == len(truths) == len(preds) == total) or total == 0:
+    if not ((len(images) if has_images else count) == len(truths) == len(preds) == count) or count == 0:
         raise ValueError("images, truths, preds and ids must be non-empty and of equal length")
-    shown = np.unique(np.linspace(0, total - 1, min(total, max_cases)).round().astype(int))
+    shown = range(count)
     columns = min(8, len(shown))
     rows = math.ceil(len(shown) / columns)
     figure = Figure(figsize=(2.0 * columns, 2.2 * rows + 0.9))
@@ -193,8 +203,8 @@ def case_grid_figure(
         denominator = np.count_nonzero(truth > 0) + np.count_nonzero(pred > 0)
         dice = 1.0 if denominator == 0 else 2.0 * np.count_nonzero(agree) / denominator
         axis.set_title(f"{_shorten(str(ids[index]))}\nDice {dice:.3f}", fontsize=7)
-    if len(shown) < total:
-        figure.suptitle(f"Test cases with overlays ({len(shown)} of {total} shown, evenly spaced)")
+    if count < total:
+        figure.suptitle(f"Test cases with overlays ({count} of {total} shown, evenly spaced)")
     else:
         figure.suptitle(f"All {total} test cases")
     figure.legend(handles=_OVERLAY_LEGEND, loc="lower center", ncol=3, fontsize=8, frameon=False)
@@ -333,6 +343,31 @@ def training_curves_figure(history_csv_path: Path, path: Path) -> Path:
     figure.suptitle("Training curves")
     figure.tight_layout()
     return _save(figure, path)
+
+
+DISTRIBUTION_METRICS = ("dice", "iou", "hd95", "assd", "nsd")
+
+
+def metric_and_clinical_sections(table: pd.DataFrame, folder: Path, unit: str) -> dict[str, list]:
+    """The report's "Metric distributions" and "Clinical measures" figures, as (path, caption) lists.
+
+    Area plots are always drawn; mean-intensity plots only when the table has intensities (an image
+    was known for the masks).
+    """
+    sections = {"Metric distributions": [
+        (distribution_figure(table, metric, folder / f"distribution_{metric}.png",
+                             unit=unit if metric in ("hd", "hd95", "assd") else None), f"{metric} per class")
+        for metric in DISTRIBUTION_METRICS]}
+    clinical = []
+    for quantity in QUANTITIES:
+        if table[f"{quantity}_true"].notna().any():
+            words = QUANTITIES[quantity]
+            clinical.append((bland_altman_figure(table, quantity, folder / f"bland_altman_{quantity}.png"),
+                             f"Bland-Altman plot of {words}, predicted against true"))
+            clinical.append((correlation_figure(table, quantity, folder / f"correlation_{quantity}.png"),
+                             f"Predicted against true {words}"))
+    sections["Clinical measures"] = clinical
+    return sections
 
 
 def _save(figure: Figure, path: Path) -> Path:

@@ -22,16 +22,16 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import pandas as pd
+from nibabel import orientations
 
 from segmenter.artifacts import atomic_directory, check_replaceable_folder, write_json_atomic, write_text_atomic
 from segmenter.errors import InputError
 from segmenter.evaluation import figures
 from segmenter.evaluation.report import write_report
 from segmenter.evaluation.tables import distance_unit, metrics_table, summarize, summary_lines
-from segmenter.io import LoadedImage, list_cases, read_mask
+from segmenter.io import LoadedImage, list_cases, read_image, read_mask
 from segmenter.io.grid import map_labels_to_grid
 
-DISTRIBUTION_METRICS = ("dice", "iou", "hd95", "assd", "nsd")
 #: Files whose presence marks a folder as an earlier evaluation output, safe to replace.
 OUTPUT_MARKERS = ("report.html", "metrics.csv", "summary.json", "comparison.json")
 
@@ -43,6 +43,8 @@ class MaskPairs:
     matched: dict[str, tuple[Path, Path]]
     truth_only: list[Path]
     pred_only: list[Path]
+    #: case id -> image file, when an images folder was given (every matched case has one).
+    images: dict[str, Path] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -61,14 +63,14 @@ class FolderEvaluation:
         return "\n".join(lines)
 
 
-def pair_mask_files(truth_dir: Path, pred_dir: Path) -> MaskPairs:
-    """Pair the mask files of two folders by case id.
+def pair_mask_files(truth_dir: Path, pred_dir: Path, images_dir: Optional[Path] = None) -> MaskPairs:
+    """Pair the mask files of two folders by case id, and each pair with its image when ``images_dir`` is given.
 
     Raises
     ------
     InputError
-        If a folder is missing or holds no mask file, or no file of one folder matches a file of the
-        other (the message gives an example name from each).
+        If a folder is missing or holds no mask file, no file of one folder matches a file of the other
+        (the message gives an example name from each), or a scored pair has no image of its name.
     """
     truth_cases = list_cases(Path(truth_dir), "truth mask")
     pred_cases = list_cases(Path(pred_dir), "predicted mask")
@@ -78,10 +80,19 @@ def pair_mask_files(truth_dir: Path, pred_dir: Path) -> MaskPairs:
                                    f"{next(iter(truth_cases.values())).name}, prediction "
                                    f"{next(iter(pred_cases.values())).name}); files are paired by name "
                                    "without the suffix")
+    images = {}
+    if images_dir is not None:
+        image_cases = list_cases(Path(images_dir), "image")
+        without = [case for case in matched if case not in image_cases]
+        if without:
+            raise InputError(matched[without[0]][0], f"no image of this name in {images_dir} (--images); "
+                                                     f"{len(without)} of {len(matched)} pairs have none")
+        images = {case: image_cases[case] for case in matched}
     return MaskPairs(
         matched=matched,
         truth_only=[path for case, path in truth_cases.items() if case not in pred_cases],
         pred_only=[path for case, path in pred_cases.items() if case not in truth_cases],
+        images=images,
     )
 
 
@@ -92,6 +103,8 @@ def evaluate_folders(
     *,
     class_names: Optional[Sequence[str]] = None,
     spacing: Optional[Sequence[float]] = None,
+    images_dir: Optional[Path] = None,
+    display_window: Optional[Sequence[float]] = None,
     nsd_tolerance: float = 2.0,
     bootstrap_samples: int = 1000,
     seed: int = 42,
@@ -109,6 +122,13 @@ def evaluate_folders(
         All class names, background first. None: ``background, class_1, ...`` up to the largest label.
     spacing : sequence of float or None
         Pixel size in mm per array axis, for files whose format has no spacing (PNG, NPY, CSV).
+    images_dir : Path or None
+        Folder of the images, named as the masks: gives the mean intensity inside each mask (HU for CT)
+        and draws the figures on the image. The masks are then scored on each image's grid (mapped
+        through the affines when both carry one, as preload does), with the image's spacing.
+    display_window : (float, float) or None
+        Intensity range shown black to white in the figures (e.g. -200, 200 HU); None: each image's
+        1st-99th percentile.
     nsd_tolerance : float
         Normalised surface Dice tolerance, in mm (pixels when the spacing is unknown).
     bootstrap_samples, seed : int
@@ -125,19 +145,20 @@ def evaluate_folders(
         labels outside the given classes or a spacing of the wrong length (one line, naming the file).
     """
     truth_dir, pred_dir, out_dir = Path(truth_dir), Path(pred_dir), Path(out_dir)
-    check_output_folder(out_dir, [truth_dir, pred_dir])
+    check_output_folder(out_dir, [truth_dir, pred_dir, *([Path(images_dir)] if images_dir is not None else [])])
     if class_names is not None and len(class_names) < 2:
         raise InputError(None, "--classes needs the background and at least one foreground class")
-    pairs = pair_mask_files(truth_dir, pred_dir)
+    pairs = pair_mask_files(truth_dir, pred_dir, images_dir)
 
     # First pass: every pair readable and of one shape; the labels present; the spacing each file has.
     labels: set[int] = set()
     header_spacings: dict[str, Optional[tuple[float, ...]]] = {}
     dimensions: dict[str, int] = {}
-    for case, (truth, pred) in _read_pairs(pairs):
+    for case, (truth, pred, image) in _read_pairs(pairs):
         labels.update(np.unique(truth.array).tolist())
         labels.update(np.unique(pred.array).tolist())
-        header_spacings[case] = truth.spacing if truth.spacing is not None else pred.spacing
+        header_spacings[case] = next((item.spacing for item in (image, truth, pred)
+                                      if item is not None and item.spacing is not None), None)
         dimensions[case] = truth.array.ndim
     notes: list[str] = []
     relabel_255 = labels <= {0, 255} and 255 in labels
@@ -149,26 +170,27 @@ def evaluate_folders(
     if class_names is None:
         class_names = ["background", *(f"class_{label}" for label in range(1, max(max(labels), 1) + 1))]
     elif max(labels) >= len(class_names):
-        offender = next(path for case, (truth, pred) in _read_pairs(pairs) for path, array in
+        offender = next(path for case, (truth, pred, _) in _read_pairs(pairs) for path, array in
                         ((truth.source, truth.array), (pred.source, pred.array)) if array.max() >= len(class_names))
         raise InputError(offender, f"holds label {max(labels)} but --classes names only {len(class_names)} "
                                    f"classes (labels 0..{len(class_names) - 1})")
     spacings, spacing_source = _choose_spacings(header_spacings, dimensions, spacing, notes)
 
     def cases() -> Iterator[tuple]:
-        for case, (truth, pred) in _read_pairs(pairs):
+        for case, (truth, pred, image) in _read_pairs(pairs):
             truth_array, pred_array = truth.array, pred.array
             if relabel_255:
                 truth_array, pred_array = (np.where(a == 255, 1, a) for a in (truth_array, pred_array))
-            yield case, truth_array, pred_array, spacings[case], None
+            yield case, truth_array, pred_array, spacings[case], None if image is None else image.array
 
-    thumbnails: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    grid_ids = set(_evenly_spaced(list(pairs.matched), figures.MAX_GRID_CASES))
+    thumbnails: dict[str, tuple] = {}
+    all_ids = list(pairs.matched)
+    grid_ids = {all_ids[index] for index in figures.grid_indices(len(all_ids))}
 
     def keeping_thumbnails(stream):
         for case, truth_array, pred_array, case_spacing, intensity in stream:
             if case in grid_ids:
-                thumbnails[case] = _display_slice(truth_array, pred_array)[:2]
+                thumbnails[case] = _display_slice(truth_array, pred_array, intensity)[:3]  # no plane index
             yield case, truth_array, pred_array, case_spacing, intensity
 
     try:
@@ -182,6 +204,8 @@ def evaluate_folders(
         "out_dir": str(out_dir.resolve()), "classes": list(class_names),
         "spacing": None if spacing is None else [float(value) for value in spacing],
         "spacing_source": spacing_source,
+        "images_dir": None if images_dir is None else str(Path(images_dir).resolve()),
+        "display_window": None if display_window is None else [float(value) for value in display_window],
         "evaluate": {"nsd_tolerance": float(nsd_tolerance), "bootstrap_samples": int(bootstrap_samples),
                      "seed": int(seed)},
     }
@@ -199,13 +223,14 @@ def evaluate_folders(
         write_json_atomic(pairs_record, tmp_dir / "pairs.json")
         write_json_atomic(settings, tmp_dir / "config.resolved.json")
         sections = _draw_figures(tmp_dir / "figures", pairs, table, list(class_names), spacings, thumbnails,
-                                 relabel_255, unit)
+                                 relabel_255, unit, display_window)
         unmatched = pd.DataFrame(
             [("truth", path.name, "no prediction of this name") for path in pairs.truth_only]
             + [("prediction", path.name, "no truth of this name") for path in pairs.pred_only],
             columns=["folder", "file", "problem"])
         data = {
             "truth folder": str(truth_dir), "prediction folder": str(pred_dir),
+            "images folder": str(images_dir) if images_dir is not None else "none (no mean intensity)",
             "pairs scored": len(pairs.matched), "truth files without a prediction": len(pairs.truth_only),
             "predictions without a truth file": len(pairs.pred_only), "classes": list(class_names),
             "pixel spacing": spacing_source, **({"notes": notes} if notes else {}),
@@ -221,19 +246,24 @@ def check_output_folder(out_dir: Path, inputs: Sequence[Path]) -> None:
     check_replaceable_folder(out_dir, inputs, OUTPUT_MARKERS, "--out")
 
 
-def _read_pairs(pairs: MaskPairs) -> Iterator[tuple[str, tuple[LoadedImage, LoadedImage]]]:
-    """Read each matched pair in turn (see :func:`_read_pair`)."""
+def _read_pairs(pairs: MaskPairs) -> Iterator[tuple[str, tuple]]:
+    """Yield (case, (truth, pred, image or None)) for each matched pair in turn (see :func:`_read_pair`)."""
     for case, (truth_path, pred_path) in pairs.matched.items():
-        yield case, _read_pair(truth_path, pred_path)
+        yield case, _read_pair(truth_path, pred_path, pairs.images.get(case))
 
 
-def _read_pair(truth_path: Path, pred_path: Path) -> tuple[LoadedImage, LoadedImage]:
-    """Read a truth and a predicted mask, the prediction on the truth's grid.
+def _read_pair(truth_path: Path, pred_path: Path,
+               image_path: Optional[Path] = None) -> tuple[LoadedImage, LoadedImage, Optional[LoadedImage]]:
+    """Read a truth and a predicted mask, on the image's grid when there is an image, else on the truth's.
 
-    When both files carry an affine (NIfTI, DICOM) and their grids differ, the prediction is mapped onto
-    the truth's grid through the affines, as the preload stage maps label maps onto images; otherwise the
-    shapes must be equal.
+    When both files carry an affine (NIfTI, DICOM) and their grids differ, a mask is mapped onto the other
+    grid through the affines, as the preload stage maps label maps onto images; otherwise the shapes must
+    be equal.
     """
+    if image_path is not None:
+        image = read_image(image_path)
+        truth, pred = read_mask(truth_path, reference=image), read_mask(pred_path, reference=image)
+        return _in_display_orientation(truth, pred, image)
     truth, pred = read_mask(truth_path), read_mask(pred_path)
     same_grid = truth.array.shape == pred.array.shape and (
         truth.affine is None or pred.affine is None or np.allclose(truth.affine, pred.affine, atol=1e-4))
@@ -244,7 +274,37 @@ def _read_pair(truth_path: Path, pred_path: Path) -> tuple[LoadedImage, LoadedIm
     elif truth.array.shape != pred.array.shape:
         raise InputError(pred_path, f"mask shape {pred.array.shape} differs from the truth's "
                                     f"{truth.array.shape} ({truth_path.name})")
-    return _as_2d_if_single_plane(truth), _as_2d_if_single_plane(pred)
+    return _in_display_orientation(truth, pred, None)
+
+
+#: Axis codes of volumes once read: rows run anterior to posterior and columns patient-right to
+#: patient-left (an axial plane as radiologists view it, and as DICOM stores axial slices), planes inferior
+#: to superior. Scores do not depend on it (the spacing is permuted with the axes); the figures do.
+DISPLAY_AXES = ("P", "L", "S")
+
+
+def _in_display_orientation(truth: LoadedImage, pred: LoadedImage, image: Optional[LoadedImage]):
+    """The three on one grid, single-plane volumes as 2D, other volumes with an affine turned to DISPLAY_AXES."""
+    items = [_as_2d_if_single_plane(item) if item is not None else None for item in (truth, pred, image)]
+    affine = items[0].affine
+    if items[0].array.ndim != 3 or affine is None:
+        return tuple(items)
+    transform = orientations.ornt_transform(orientations.io_orientation(affine),
+                                            orientations.axcodes2ornt(DISPLAY_AXES))
+    new_affine = affine @ orientations.inv_ornt_aff(transform, items[0].array.shape)
+    turned = []
+    for item in items:
+        if item is None:
+            turned.append(None)
+            continue
+        spacing = None
+        if item.spacing is not None:
+            spacing = [0.0] * 3
+            for old_axis, (new_axis, _) in enumerate(transform):
+                spacing[int(new_axis)] = item.spacing[old_axis]
+        array = np.ascontiguousarray(orientations.apply_orientation(item.array, transform))
+        turned.append(LoadedImage(array, None if spacing is None else tuple(spacing), new_affine, item.source))
+    return tuple(turned)
 
 
 def _as_2d_if_single_plane(mask: LoadedImage) -> LoadedImage:
@@ -281,69 +341,61 @@ def _choose_spacings(header_spacings: dict[str, Optional[tuple[float, ...]]], di
     return {case: None for case in header_spacings}, "unknown: distances in pixels (pass --spacing for mm)"
 
 
-def _display_slice(truth: np.ndarray, pred: np.ndarray, class_id: Optional[int] = None):
-    """A 2D view of a pair: itself if 2D, else the plane (last axis) with the most true foreground.
+def _display_slice(truth: np.ndarray, pred: np.ndarray, image: Optional[np.ndarray] = None,
+                   class_id: Optional[int] = None):
+    """A 2D view of a pair (and its image): itself if 2D, else the plane (last axis: axial for volumes with an
+    affine, see DISPLAY_AXES) with the most true foreground.
 
-    Returns (truth2d, pred2d, plane index or None).
+    Returns (truth2d, pred2d, image2d or None, plane index or None).
     """
     if truth.ndim == 2:
-        return truth, pred, None
+        return truth, pred, image, None
     selected = (lambda labels: labels > 0) if class_id is None else (lambda labels: labels == class_id)
     counts = selected(truth).sum(axis=(0, 1))
     if not counts.any():
         counts = selected(pred).sum(axis=(0, 1))
     plane = int(counts.argmax()) if counts.any() else truth.shape[-1] // 2
-    return truth[..., plane], pred[..., plane], plane
-
-
-def _evenly_spaced(ids: list[str], limit: int) -> list[str]:
-    """The ids case_grid_figure shows out of ``ids`` (the same evenly spaced choice)."""
-    shown = np.unique(np.linspace(0, len(ids) - 1, min(len(ids), limit)).round().astype(int))
-    return [ids[index] for index in shown]
+    return truth[..., plane], pred[..., plane], None if image is None else image[..., plane], plane
 
 
 def _draw_figures(folder: Path, pairs: MaskPairs, table: pd.DataFrame, class_names: list[str],
-                  spacings: dict, thumbnails: dict, relabel_255: bool, unit: str) -> dict[str, list]:
+                  spacings: dict, thumbnails: dict, relabel_255: bool, unit: str,
+                  display_window: Optional[Sequence[float]]) -> dict[str, list]:
     folder.mkdir(parents=True, exist_ok=True)
+    window = None if display_window is None else tuple(display_window)
     sections: dict[str, list] = {}
     comparisons = []
     for class_id, class_name in enumerate(class_names[1:], start=1):
         if not (table["class"] == class_name).any():
             continue
         for rank, case in figures.select_cases(table, class_name).items():
-            truth, pred = _read_pair(*pairs.matched[case])
+            truth, pred, image = _read_pair(*pairs.matched[case], pairs.images.get(case))
             truth_array, pred_array = truth.array, pred.array
             if relabel_255:
                 truth_array, pred_array = (np.where(a == 255, 1, a) for a in (truth_array, pred_array))
-            truth2d, pred2d, plane = _display_slice(truth_array, pred_array, class_id)
+            truth2d, pred2d, image2d, plane = _display_slice(truth_array, pred_array,
+                                                             None if image is None else image.array, class_id)
             case_spacing = spacings[case]
             if plane is not None and case_spacing is not None:
                 case_spacing = case_spacing[:2]
             where = case if plane is None else f"{case}, plane {plane}"
             row = table[(table.image_id == case) & (table["class"] == class_name)].iloc[0]
-            path = figures.comparison_figure(None, truth2d, pred2d, class_id, class_name,
+            path = figures.comparison_figure(image2d, truth2d, pred2d, class_id, class_name,
                                              f"{class_name}, {rank} case: {where}",
-                                             folder / f"compare_{_file_safe(class_name)}_{rank}.png",
+                                             folder / f"compare_{_file_safe(class_name)}_{rank}.png", window,
                                              spacing=case_spacing)
             comparisons.append((path, f"{class_name}: {rank} case by Dice ({where}, Dice {row.dice:.3f}"
                                       + (", whole-volume Dice; the plane with the most true foreground is shown)"
                                          if plane is not None else ")")))
     sections["Best, median and worst cases"] = comparisons
     ids = [case for case in pairs.matched if case in thumbnails]
-    sections["All cases"] = [(figures.case_grid_figure(None, [thumbnails[c][0] for c in ids],
+    images = [thumbnails[c][2] for c in ids] if pairs.images else None
+    sections["All cases"] = [(figures.case_grid_figure(images, [thumbnails[c][0] for c in ids],
                                                        [thumbnails[c][1] for c in ids], ids,
-                                                       folder / "all_cases.png"),
+                                                       folder / "all_cases.png", window, total=len(pairs.matched)),
                               "Every case (3D: the plane with the most true foreground): agreement (green), "
                               "missed (vermilion) and extra (yellow) pixels")]
-    sections["Metric distributions"] = [
-        (figures.distribution_figure(table, metric, folder / f"distribution_{metric}.png",
-                                     unit=unit if metric in ("hd", "hd95", "assd") else None), f"{metric} per class")
-        for metric in DISTRIBUTION_METRICS]
-    sections["Clinical measures"] = [
-        (figures.bland_altman_figure(table, "area", folder / "bland_altman_area.png"),
-         "Bland-Altman plot of area, predicted against true"),
-        (figures.correlation_figure(table, "area", folder / "correlation_area.png"), "Predicted against true area"),
-    ]
+    sections.update(figures.metric_and_clinical_sections(table, folder, unit))
     return sections
 
 

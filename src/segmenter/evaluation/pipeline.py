@@ -1,6 +1,7 @@
 """The evaluate stage: score predictions against the truth, draw the figures and write the report.
 
-Reads the preloaded test split and ``experiments/<experiment>/predict/test/``; writes
+Reads the preloaded test split (on its original grid when preload resized it, see :class:`TestSlices`)
+and ``experiments/<experiment>/predict/test/``; writes
 ``experiments/<experiment>/evaluate/`` (``metrics.csv``, ``summary.json``, ``figures/``, ``report.html``)
 as one folder that replaces an earlier one only when everything succeeded.
 """
@@ -8,19 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import pandas as pd
 
 from segmenter.artifacts import atomic_directory, save_resolved_config, write_json_atomic, write_text_atomic
 from segmenter.config import Config
-from segmenter.dataset import SliceSet, load_split, read_manifest
+from segmenter.dataset import load_split, open_native_test, read_manifest
+from segmenter.errors import InputError
 from segmenter.evaluation import figures
 from segmenter.evaluation.report import write_report
 from segmenter.evaluation.tables import distance_unit, known_spacing, metrics_table, summarize, summary_lines
 
-DISTRIBUTION_METRICS = ("dice", "iou", "hd95", "assd", "nsd")
 
 
 @dataclasses.dataclass
@@ -33,19 +34,72 @@ class EvaluateResult:
         return "\n".join([*lines, str(self.output_dir / "report.html")])
 
 
-def load_predictions(prediction_dir: Path, ids) -> np.ndarray:
-    missing = [i for i in ids if not (prediction_dir / f"{i}.npy").is_file()]
-    if missing:
-        raise FileNotFoundError(f"{prediction_dir}: no prediction for {len(missing)} test slices "
-                                f"(e.g. {missing[0]}); run the predict stage first")
-    return np.stack([np.load(prediction_dir / f"{i}.npy") for i in ids])
+@dataclasses.dataclass
+class ScoredSlice:
+    """One test slice as evaluate scores it: truth, prediction, intensities (HU for CT) and pixel spacing."""
+
+    slice_id: str
+    truth: np.ndarray
+    pred: np.ndarray
+    intensity: Optional[np.ndarray]
+    spacing: Optional[tuple[float, ...]]
 
 
-def _draw_figures(folder: Path, test: SliceSet, preds: np.ndarray, table: pd.DataFrame, config: Config,
+class TestSlices:
+    """The test split and its predictions, read slice by slice.
+
+    On each slice's original grid when preload resized the test split (``test-native.npz``), so that
+    Dice, distances, areas and mean HU describe the masks as they were annotated (nnU-Net, too, scores on
+    the original spacing); otherwise at the preloaded size, which is then the original size.
+    """
+
+    def __init__(self, config: Config):
+        self.preloaded = load_split(config.preloaded_dir, "test")
+        self.native = open_native_test(config.preloaded_dir)
+        self.ids = [str(slice_id) for slice_id in self.preloaded.ids]
+        self.prediction_dir = config.stage_dir("predict") / "test"
+        missing = [i for i in self.ids if not (self.prediction_dir / f"{i}.npy").is_file()]
+        if missing:
+            raise FileNotFoundError(f"{self.prediction_dir}: no prediction for {len(missing)} test slices "
+                                    f"(e.g. {missing[0]}); run the predict stage first")
+        spacings = [self._truth(i)[2] for i in range(len(self.ids))] if self.native else \
+            [known_spacing(s) for s in self.preloaded.spacing]
+        # Some slices without a spacing (e.g. PNG mixed with DICOM): one unit for all, pixels.
+        self.unit = distance_unit(spacings)
+        self.resolution = "original" if self.native else "preloaded"
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _truth(self, i: int):
+        if self.native is not None:
+            native = self.native[self.ids[i]]
+            return native.mask, native.intensity, known_spacing(native.spacing)
+        test = self.preloaded
+        intensity = test.hu_images[i] if test.hu_images is not None else test.images[i, ..., 0]
+        return test.masks[i], intensity, known_spacing(test.spacing[i])
+
+    def __getitem__(self, i: int) -> ScoredSlice:
+        truth, intensity, spacing = self._truth(i)
+        path = self.prediction_dir / f"{self.ids[i]}.npy"
+        pred = np.load(path)
+        if pred.shape != truth.shape:
+            raise InputError(path, f"prediction of shape {pred.shape}, but the test slice is {truth.shape} "
+                                   f"at the {self.resolution} size; run the predict stage again")
+        return ScoredSlice(self.ids[i], truth, pred, intensity, spacing if self.unit == "mm" else None)
+
+    def __iter__(self) -> Iterator[ScoredSlice]:
+        return (self[i] for i in range(len(self)))
+
+    def close(self) -> None:
+        if self.native is not None:
+            self.native.close()
+
+
+def _draw_figures(folder: Path, test: TestSlices, table: pd.DataFrame, config: Config,
                   unit: str) -> dict[str, list]:
     folder.mkdir(parents=True, exist_ok=True)
     window = config.evaluate.display_window
-    display = test.hu_images if test.hu_images is not None else test.images[..., 0]
     index_of = {slice_id: i for i, slice_id in enumerate(test.ids)}
     sections: dict[str, list] = {}
 
@@ -57,29 +111,20 @@ def _draw_figures(folder: Path, test: SliceSet, preds: np.ndarray, table: pd.Dat
     comparisons = []
     for class_id, class_name in enumerate(config.classes[1:], start=1):
         for rank, slice_id in figures.select_cases(table, class_name).items():
-            i = index_of[slice_id]
+            case = test[index_of[slice_id]]
             row = table[(table.image_id == slice_id) & (table["class"] == class_name)].iloc[0]
             path = figures.comparison_figure(
-                display[i], test.masks[i], preds[i], class_id, class_name,
+                case.intensity, case.truth, case.pred, class_id, class_name,
                 f"{class_name}, {rank} case: {slice_id}", folder / f"compare_{class_name}_{rank}.png", window,
-                spacing=known_spacing(test.spacing[i]))
+                spacing=case.spacing)
             comparisons.append((path, f"{class_name}: {rank} case by Dice ({slice_id}, Dice {row.dice:.3f})"))
     sections["Best, median and worst cases"] = comparisons
-    sections["All test cases"] = [(figures.case_grid_figure(list(display), list(test.masks), list(preds),
-                                                            list(test.ids), folder / "all_cases.png", window),
+    shown = [test[i] for i in figures.grid_indices(len(test))]
+    sections["All test cases"] = [(figures.case_grid_figure([c.intensity for c in shown], [c.truth for c in shown],
+                                                            [c.pred for c in shown], [c.slice_id for c in shown],
+                                                            folder / "all_cases.png", window, total=len(test)),
                                    "Every test case: agreement (green), missed (vermilion) and extra (yellow) pixels")]
-    sections["Metric distributions"] = [
-        (figures.distribution_figure(table, metric, folder / f"distribution_{metric}.png",
-                                     unit=unit if metric in ("hd", "hd95", "assd") else None), f"{metric} per class")
-        for metric in DISTRIBUTION_METRICS]
-    clinical = []
-    for quantity in ("area", "mean_intensity"):
-        if table[f"{quantity}_true"].notna().any():
-            clinical.append((figures.bland_altman_figure(table, quantity, folder / f"bland_altman_{quantity}.png"),
-                             f"Bland-Altman plot of {quantity.replace('_', ' ')}, predicted against true"))
-            clinical.append((figures.correlation_figure(table, quantity, folder / f"correlation_{quantity}.png"),
-                             f"Predicted against true {quantity.replace('_', ' ')}"))
-    sections["Clinical measures"] = clinical
+    sections.update(figures.metric_and_clinical_sections(table, folder, unit))
     return sections
 
 
@@ -92,11 +137,12 @@ def _tuning_results(config: Config) -> tuple[Optional[pd.DataFrame], list]:
     return pd.read_csv(trials), ([(figure, "Search objective against each hyperparameter")] if figure.is_file() else [])
 
 
-def manifest_summary(manifest: dict) -> dict:
+def manifest_summary(manifest: dict, resolution: str) -> dict:
     return {
         "experiment": manifest.get("experiment"),
         "classes": manifest.get("classes"),
         "image_size": manifest.get("image_size"),
+        "scored at": f"the {resolution} size of each test slice",
         "preprocessing": manifest.get("preprocessing", {}).get("normalization"),
         "train slices": manifest["splits"]["train"]["num_slices"],
         "test slices": manifest["splits"]["test"]["num_slices"],
@@ -108,29 +154,26 @@ def manifest_summary(manifest: dict) -> dict:
 def evaluate_experiment(config: Config) -> EvaluateResult:
     """Run the evaluate stage for ``config``; see the module docstring."""
     manifest = read_manifest(config.preloaded_dir)
-    test = load_split(config.preloaded_dir, "test")
-    preds = load_predictions(config.stage_dir("predict") / "test", test.ids)
-    spacings = [known_spacing(s) for s in test.spacing]
-    if distance_unit(spacings) == "pixels":
-        # Some slices without a spacing (e.g. PNG mixed with DICOM): one unit for all, pixels.
-        spacings = [None] * len(spacings)
-    intensities = test.hu_images if test.hu_images is not None else [None] * len(test)
-    table = metrics_table(zip(test.ids, test.masks, preds, spacings, intensities), config.classes,
-                          config.evaluate.nsd_tolerance)
-    unit = distance_unit(spacings)
-    summary = summarize(table, config.classes, unit, config.evaluate.bootstrap_samples, config.seed)
+    test = TestSlices(config)
+    try:
+        table = metrics_table(((c.slice_id, c.truth, c.pred, c.spacing, c.intensity) for c in test),
+                              config.classes, config.evaluate.nsd_tolerance)
+        summary = summarize(table, config.classes, test.unit, config.evaluate.bootstrap_samples, config.seed)
+        summary["resolution"] = test.resolution
 
-    out_dir = config.stage_dir("evaluate")
-    with atomic_directory(out_dir) as tmp_dir:
-        write_text_atomic(table.to_csv(index=False), tmp_dir / "metrics.csv")
-        write_json_atomic(summary, tmp_dir / "summary.json")
-        sections = _draw_figures(tmp_dir / "figures", test, preds, table, config, unit)
-        tuning_table, tuning_figures = _tuning_results(config)
-        if tuning_figures:
-            sections = {"Hyperparameter search": tuning_figures, **sections}
-        save_resolved_config(config, tmp_dir)
-        write_report(tmp_dir / "report.html", title=f"Segmentation report: {config.experiment}",
-                     config=config.to_jsonable(), manifest_summary=manifest_summary(manifest), summary=summary,
-                     table=table, figures=sections, tuning_table=tuning_table)
+        out_dir = config.stage_dir("evaluate")
+        with atomic_directory(out_dir) as tmp_dir:
+            write_text_atomic(table.to_csv(index=False), tmp_dir / "metrics.csv")
+            write_json_atomic(summary, tmp_dir / "summary.json")
+            sections = _draw_figures(tmp_dir / "figures", test, table, config, test.unit)
+            tuning_table, tuning_figures = _tuning_results(config)
+            if tuning_figures:
+                sections = {"Hyperparameter search": tuning_figures, **sections}
+            save_resolved_config(config, tmp_dir)
+            write_report(tmp_dir / "report.html", title=f"Segmentation report: {config.experiment}",
+                         config=config.to_jsonable(), manifest_summary=manifest_summary(manifest, test.resolution),
+                         summary=summary, table=table, figures=sections, tuning_table=tuning_table)
+    finally:
+        test.close()
     save_resolved_config(config, config.experiment_dir)
     return EvaluateResult(out_dir, summary)
