@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from segmenter.config import build_config
-from segmenter.dataset import NATIVE_TEST_FILE, load_split, open_native_test, read_manifest
+from segmenter.dataset import NATIVE_TEST_DIR, load_split, open_native_test, read_manifest
 from segmenter.errors import InputError
 from segmenter.preloading import preload
 from tests.conftest import REPO_ROOT, run_cli, shared_dataset, write_config
@@ -180,26 +180,27 @@ def test_parallel_workers_give_the_same_dataset(tmp_path):
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_resized_test_split_is_also_kept_at_its_original_size(tmp_path, workers):
+def test_resized_test_split_is_also_kept_at_its_original_size(tmp_path, workers, monkeypatch):
     from PIL import Image
 
+    from segmenter import preloading
+
+    # With workers, re-read the test slices in a worker process however few there are (the path large sets take).
+    monkeypatch.setattr(preloading, "_PARALLEL_NATIVE_SLICES", 1)
     data = make_png_npy_set(tmp_path / "data", count=10)
     result = preload(config_for(data, tmp_path, workers=workers, pixel_spacing=[0.5, 0.25]), log=lambda *_: None)
     test = load_split(result.output_dir, "test")
-    assert read_manifest(result.output_dir)["splits"]["test"]["native"] == NATIVE_TEST_FILE
+    assert read_manifest(result.output_dir)["splits"]["test"]["native"] == NATIVE_TEST_DIR
     native = open_native_test(result.output_dir)
-    try:
-        with np.load(result.output_dir / NATIVE_TEST_FILE) as archive:  # the test slices, and nothing else
-            assert {name.split("/")[0] for name in archive.files} == set(test.ids)
-        for slice_id, resized_spacing in zip(test.ids, test.spacing):
-            kept = native[slice_id]
-            np.testing.assert_array_equal(kept.mask, np.load(data / "masks" / f"{slice_id}.npy"))
-            np.testing.assert_array_equal(kept.intensity, np.asarray(Image.open(data / "images" / f"{slice_id}.png")))
-            assert kept.mask.dtype == np.uint8 and kept.intensity.dtype == np.int16
-            np.testing.assert_array_equal(kept.spacing, [0.5, 0.25])
-            np.testing.assert_array_equal(resized_spacing, [1.0, 0.5])  # 32 -> 16 pixels
-    finally:
-        native.close()
+    # The test slices, and nothing else.
+    assert sorted(p.stem for p in (result.output_dir / NATIVE_TEST_DIR).iterdir()) == sorted(test.ids)
+    for slice_id, resized_spacing in zip(test.ids, test.spacing):
+        kept = native[slice_id]
+        np.testing.assert_array_equal(kept.mask, np.load(data / "masks" / f"{slice_id}.npy"))
+        np.testing.assert_array_equal(kept.intensity, np.asarray(Image.open(data / "images" / f"{slice_id}.png")))
+        assert kept.mask.dtype == np.uint8 and kept.intensity.dtype == np.int16
+        np.testing.assert_array_equal(kept.spacing, [0.5, 0.25])
+        np.testing.assert_array_equal(resized_spacing, [1.0, 0.5])  # 32 -> 16 pixels
 
 
 def test_test_slices_of_one_volume_kept_at_their_original_size(tmp_path):
@@ -219,22 +220,21 @@ def test_test_slices_of_one_volume_kept_at_their_original_size(tmp_path):
                                 normalization={"method": "zscore"}), log=lambda *_: None)
     test = load_split(result.output_dir, "test")
     native = open_native_test(result.output_dir)
-    try:
-        for slice_id, index in zip(test.ids, test.slice_index):
-            kept = native[slice_id]
-            np.testing.assert_array_equal(kept.mask, labels[..., index])
-            np.testing.assert_array_equal(kept.intensity, volume[..., index])
-            assert kept.intensity.dtype == np.float32
-            np.testing.assert_allclose(kept.spacing, [0.7, 0.8])
-    finally:
-        native.close()
+    assert 0 < len(test) < 10
+    for slice_id, index in zip(test.ids, test.slice_index):
+        kept = native[slice_id]
+        np.testing.assert_array_equal(kept.mask, labels[..., index])
+        np.testing.assert_array_equal(kept.intensity, volume[..., index])
+        assert kept.intensity.dtype == np.float32
+        np.testing.assert_allclose(kept.spacing, [0.7, 0.8])
+    assert len(list((result.output_dir / NATIVE_TEST_DIR).iterdir())) == len(test)
 
 
 def test_no_original_size_copy_when_nothing_was_resized(tmp_path):
     data = make_png_npy_set(tmp_path / "data", count=6)
     result = preload(config_for(data, tmp_path, image_size=[32, 32]), log=lambda *_: None)
     assert read_manifest(result.output_dir)["splits"]["test"]["native"] is None
-    assert open_native_test(result.output_dir) is None and not (result.output_dir / NATIVE_TEST_FILE).exists()
+    assert open_native_test(result.output_dir) is None and not (result.output_dir / NATIVE_TEST_DIR).exists()
 
 
 def test_spine_dataset_with_its_config(tmp_path):

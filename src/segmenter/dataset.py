@@ -5,7 +5,7 @@ Layout of ``preloaded_dataset/<experiment>/``::
     manifest.json     splits -> shard files and per-slice records, preprocessing, resolved config
     train.npz         (or train-00000.npz, train-00001.npz, ... when a split exceeds one shard)
     test.npz
-    test-native.npz   the test split at its original resolution (only when preload resized it)
+    test-native/      the test split at its original resolution, <id>.npz per slice (only when preload resized it)
 
 Every shard holds parallel arrays, one entry per slice (row, column order as in scikit-image):
 
@@ -17,20 +17,19 @@ Every shard holds parallel arrays, one entry per slice (row, column order as in 
     spacing      float32 (N, 2)        pixel spacing in mm (row, column) after resizing; NaN when unknown
     hu_images    float32 (N, H, W)     intensities before normalisation (HU for CT), resized like images
 
-``test-native.npz`` keeps, for every test slice, what evaluate scores against when the slices were resized:
-the mask and the intensities on the slice's original grid, as nnU-Net scores on the original spacing.
-Its members are named by slice id, since slices may differ in shape::
+``test-native/<id>.npz`` keeps, for each test slice, what evaluate scores against when the slices were
+resized: the mask and the intensities on the slice's original grid (nnU-Net, too, keeps its ground truth
+at the original spacing and scores there). One file per slice, since slices may differ in shape::
 
-    <id>/mask         uint8             (H0, W0)  class indices on the original grid
-    <id>/intensity    int16 or float32  (H0, W0)  intensities before normalisation (int16 when integral)
-    <id>/spacing      float64 (2,)                 original pixel spacing in mm; NaN when unknown
+    mask         uint8             (H0, W0)  class indices on the original grid
+    intensity    int16 or float32  (H0, W0)  intensities before normalisation (int16 when integral)
+    spacing      float64 (2,)                 original pixel spacing in mm; NaN when unknown
 
 Volumes (3D patch-based work) reuse the same ids, ``volume_ids`` and ``spacing`` vocabulary.
 """
 from __future__ import annotations
 
 import dataclasses
-import zipfile
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -38,7 +37,7 @@ import numpy as np
 
 from segmenter.artifacts import read_json
 
-NATIVE_TEST_FILE = "test-native.npz"
+NATIVE_TEST_DIR = "test-native"
 ARRAY_FIELDS = ("images", "masks", "ids", "volume_ids", "slice_index", "spacing", "hu_images")
 
 
@@ -130,17 +129,11 @@ class NativeSlice:
     spacing: np.ndarray
 
 
-def write_native_slice(archive: zipfile.ZipFile, slice_id: str, mask: np.ndarray, intensity: np.ndarray,
-                       spacing) -> None:
-    """Add one slice to an open ``test-native.npz`` (a stored, uncompressed zip, as np.savez writes it)."""
-    arrays = {
-        "mask": np.ascontiguousarray(mask, dtype=np.uint8),
-        "intensity": _compact_intensity(intensity),
-        "spacing": np.array(spacing if spacing is not None else [np.nan, np.nan], dtype=np.float64),
-    }
-    for name, array in arrays.items():
-        with archive.open(f"{slice_id}/{name}.npy", "w", force_zip64=True) as member:
-            np.lib.format.write_array(member, array, allow_pickle=False)
+def write_native_slice(path: Path, mask: np.ndarray, intensity: np.ndarray, spacing) -> None:
+    """Write one slice of ``test-native/`` (see the module docstring); uncompressed, as the shards."""
+    with open(path, "wb") as handle:
+        np.savez(handle, mask=np.ascontiguousarray(mask, dtype=np.uint8), intensity=_compact_intensity(intensity),
+                 spacing=np.array(spacing if spacing is not None else [np.nan, np.nan], dtype=np.float64))
 
 
 def _compact_intensity(intensity: np.ndarray) -> np.ndarray:
@@ -153,20 +146,17 @@ def _compact_intensity(intensity: np.ndarray) -> np.ndarray:
 
 
 class NativeTestSlices:
-    """Read access by slice id to ``test-native.npz``; members are read on demand, one slice at a time."""
+    """Read access by slice id to ``test-native/``, one slice at a time."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self._archive = np.load(self.path, allow_pickle=False)
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
 
     def __getitem__(self, slice_id: str) -> NativeSlice:
-        try:
-            return NativeSlice(*(self._archive[f"{slice_id}/{name}"] for name in ("mask", "intensity", "spacing")))
-        except KeyError:
-            raise KeyError(f"{self.path}: no slice {slice_id!r}; run the preload stage again") from None
-
-    def close(self) -> None:
-        self._archive.close()
+        path = self.folder / f"{slice_id}.npz"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: test slice {slice_id!r} missing; run the preload stage again")
+        with np.load(path, allow_pickle=False) as data:
+            return NativeSlice(data["mask"], data["intensity"], data["spacing"])
 
 
 def open_native_test(preloaded_dir: Path) -> Optional[NativeTestSlices]:

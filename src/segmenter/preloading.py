@@ -29,7 +29,7 @@ from tqdm import tqdm
 from segmenter import io
 from segmenter.artifacts import atomic_directory, read_json, sha256_of_file, write_json_atomic
 from segmenter.config import Config
-from segmenter.dataset import NATIVE_TEST_FILE, write_native_slice
+from segmenter.dataset import NATIVE_TEST_DIR, write_native_slice
 from segmenter.errors import InputError
 from segmenter.preprocessing import prepare_image, resize_mask, resized_spacing, split_train_test
 
@@ -41,6 +41,11 @@ _MAX_TABLE_LABEL = 65535
 # Sources larger than this in total are hashed by the worker processes in parallel; below it starting the
 # workers (about a second each, they are spawned) costs more than it saves.
 _PARALLEL_HASH_BYTES = 256 * 2**20
+# From this many test slices on, the re-read at their original size runs in one worker process while this
+# process writes the shards; below it, here (starting a process, about a second, would cost more than
+# reading them: about 8 ms a slice for 512 x 512 CSV slices). One process, not preload.workers: this one
+# holds scikit-learn by then, and the re-read only has to keep up with the disk-bound shard writing.
+_PARALLEL_NATIVE_SLICES = 200
 # The scratch arrays of one finished slice, with their data types; shapes follow preload.image_size.
 _SCRATCH_FIELDS = {"image": np.float32, "hu_image": np.float32, "mask": np.uint8}
 
@@ -221,13 +226,20 @@ def native_slices(pair: CasePair, slice_ids: frozenset, config: Config) -> list[
             if _slice_id(pair, index) in slice_ids]
 
 
-def _native_job(job: tuple[CasePair, frozenset], config: Optional[Config] = None):
-    """(slices, None) or (None, one-line error): InputError does not survive pickling between processes."""
-    pair, slice_ids = job
+def _native_job(job: tuple[CasePair, frozenset, Path], config: Optional[Config] = None):
+    """Write the pair's test slices into ``test-native/``; (slices written, None) or (0, one-line error).
+
+    The worker writes the files itself: nothing large crosses between processes, and the main process
+    writes the shards meanwhile.
+    """
+    pair, slice_ids, folder = job
     try:
-        return native_slices(pair, slice_ids, config or _worker_config), None
-    except InputError as error:
-        return None, str(error)
+        slices = native_slices(pair, slice_ids, config or _worker_config)
+    except InputError as error:  # InputError does not survive pickling between processes: send its text
+        return 0, str(error)
+    for slice_id, mask2d, image2d, spacing in slices:
+        write_native_slice(folder / f"{slice_id}.npz", mask2d, image2d, spacing)
+    return len(slices), None
 
 
 # Set in each worker process by _init_worker, so the config crosses the process boundary once, not per job.
@@ -333,18 +345,22 @@ def _hash_sources(pairs: list[CasePair], workers: Optional["_Workers"] = None) -
 # Worker processes, scratch files and shards
 # ----------------------------------------------------------------------------------------------------
 class _Workers:
-    """A process pool started on first use (hashing or preprocessing) and shared by both; or none at all."""
+    """A process pool started on first use (hashing or preprocessing) and shared by both; or none at all.
 
-    def __init__(self, config: Config, num_pairs: int):
+    ``processes`` 0 runs everything in this process (``parallel`` is False).
+    """
+
+    def __init__(self, config: Config, processes: int):
         self.config = config
-        self.parallel = config.preload.workers > 1 and num_pairs > 1
+        self.processes = processes
+        self.parallel = processes > 0
         self._pool = None
 
     def _started(self):
         if self._pool is None:
             # "spawn" because a forked child of a process that has TensorFlow loaded (tests, notebooks) can hang.
             context = multiprocessing.get_context("spawn")
-            self._pool = context.Pool(self.config.preload.workers, initializer=_init_worker,
+            self._pool = context.Pool(self.processes, initializer=_init_worker,
                                       initargs=(self.config.model_dump_json(),))
         return self._pool
 
@@ -451,7 +467,8 @@ def preload(config: Config, overwrite: bool = False, skip_invalid: Optional[bool
     skip_invalid = config.preload.skip_invalid if skip_invalid is None else skip_invalid
     output_dir = config.preloaded_dir
     pairs = find_pairs(config, log=log)
-    with contextlib.closing(_Workers(config, len(pairs))) as workers:
+    processes = config.preload.workers if config.preload.workers > 1 and len(pairs) > 1 else 0
+    with contextlib.closing(_Workers(config, processes)) as workers:
         manifest_path = output_dir / "manifest.json"
         # The up-to-date check needs every source's digest before any work; without it (a first run, or
         # --overwrite) the workers hash each pair's files as they process it, saving a pass over the data.
@@ -459,9 +476,10 @@ def preload(config: Config, overwrite: bool = False, skip_invalid: Optional[bool
         if hash_first:
             source_hashes = _hash_sources(pairs, workers)
             old = read_json(manifest_path)
-            shards = [output_dir / name for split in old.get("splits", {}).values()
-                      for name in [*split["shards"], *([split["native"]] if split.get("native") else [])]]
-            if old.get("fingerprint") == _fingerprint(config, source_hashes) and all(p.is_file() for p in shards):
+            shards = [output_dir / name for split in old.get("splits", {}).values() for name in split["shards"]]
+            native = old.get("splits", {}).get("test", {}).get("native")
+            if old.get("fingerprint") == _fingerprint(config, source_hashes) and all(p.is_file() for p in shards) \
+                    and (native is None or (output_dir / native).is_dir()):
                 return PreloadResult(output_dir, old["splits"]["train"]["num_slices"],
                                      old["splits"]["test"]["num_slices"], old.get("skipped", []), up_to_date=True)
 
@@ -517,30 +535,34 @@ def _split_groups(config: Config, records: list[dict], log) -> tuple[list[str], 
     raise InputError(config.preload.input_dir, f"cannot split into train and test: {what} ({groups[0]})")
 
 
-def _write_native_test(path: Path, test_records: list[dict], pairs: list[CasePair], config: Config,
-                       workers: _Workers) -> None:
-    """Write ``test-native.npz`` (see segmenter.dataset): the test slices read again, on their original grid.
+def _start_native_test(folder: Path, test_records: list[dict], pairs: list[CasePair], config: Config,
+                       workers: _Workers):
+    """Start writing ``test-native/`` (see segmenter.dataset): the test slices read again at their original size.
 
     A second read of the test pairs (a fifth of the data by default) costs less than carrying every
-    slice's original-size arrays through the scratch files until the split is known.
+    slice's original-size arrays through the scratch files until the split is known. With a worker
+    process it runs while this process writes the shards; :func:`_finish_native_test` waits for it.
     """
+    folder.mkdir()
     wanted: dict[str, set] = collections.defaultdict(set)
     for record in test_records:
         wanted[record["source_image"]].add(record["id"])
-    jobs = [(pair, frozenset(wanted[str(pair.image_path)])) for pair in pairs if str(pair.image_path) in wanted]
-    job = functools.partial(_native_job, config=None if workers.parallel else config)
-    outcomes = workers.map(job, jobs, ordered=False, chunksize=4) if workers.parallel else map(job, jobs)
+    jobs = [(pair, frozenset(wanted[str(pair.image_path)]), folder) for pair in pairs
+            if str(pair.image_path) in wanted]
+    if workers.parallel:
+        return workers.map(_native_job, jobs, ordered=False, chunksize=4)  # runs in the background
+    return map(functools.partial(_native_job, config=config), jobs)
+
+
+def _finish_native_test(outcomes, expected: int, config: Config) -> None:
     written = 0
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-        for slices, error in outcomes:
-            if error:
-                raise InputError(None, f"{error} (while reading the test slices again at their original size)")
-            for slice_id, mask2d, image2d, spacing in slices:
-                write_native_slice(archive, slice_id, mask2d, image2d, spacing)
-                written += 1
-    if written != len(test_records):
-        raise InputError(config.preload.input_dir, f"{len(test_records) - written} test slices changed while "
-                                                   "preload ran (read again at their original size, they were gone)")
+    for count, error in outcomes:
+        if error:
+            raise InputError(None, f"{error} (while reading the test slices again at their original size)")
+        written += count
+    if written != expected:
+        raise InputError(config.preload.input_dir, f"{expected - written} test slices changed while preload ran "
+                                                   "(read again at their original size, they were gone)")
 
 
 def _split_and_write(config: Config, records: list[dict], skipped: list[dict], scratch: _ScratchSlices,
@@ -563,6 +585,7 @@ def _split_and_write(config: Config, records: list[dict], skipped: list[dict], s
         sources = sorted({r["source_image"] for r in records if r["id"] == duplicates[0]})
         raise InputError(config.preload.input_dir, f"duplicate slice id {duplicates[0]!r} "
                                                    f"(from {', '.join(sources)})")
+    workers.close()  # before the split imports scikit-learn (about 180 MB) here, so that the two never add up
     groups, grouping = _split_groups(config, records, log)
     train_idx, test_idx = split_train_test(
         ids, groups, [len(r["labels"]) > 1 or r["labels"] != [0] for r in records],
@@ -583,21 +606,25 @@ def _split_and_write(config: Config, records: list[dict], skipped: list[dict], s
     }
     test_records = [records[i] for i in test_idx]
     resized = any(tuple(r["original_shape"]) != tuple(config.preload.image_size) for r in test_records)
-    if resized:
-        _write_native_test(folder / NATIVE_TEST_FILE, test_records, pairs, config, workers)
-    workers.close()  # the workers' memory is not needed while the shards are written
-    for split, indices in (("train", train_idx), ("test", test_idx)):
-        split_records = sorted((records[i] for i in indices), key=lambda r: r["id"])
-        shards = _write_shards(folder, split, split_records, scratch, config.preload.shard_size)
-        label_counts = {}
-        for record in split_records:
-            for label in record["labels"]:
-                label_counts[str(label)] = label_counts.get(str(label), 0) + 1
-        manifest["splits"][split] = {
-            "num_slices": len(split_records),
-            "shards": shards,
-            "slices_with_label": label_counts,
-            "slices": [{k: v for k, v in r.items() if k != "row"} for r in split_records],
-        }
-    manifest["splits"]["test"]["native"] = NATIVE_TEST_FILE if resized else None
+    processes = 1 if workers.parallel and len(test_records) >= _PARALLEL_NATIVE_SLICES else 0
+    with contextlib.closing(_Workers(config, processes)) as native_workers:
+        if resized:
+            native_outcomes = _start_native_test(folder / NATIVE_TEST_DIR, test_records, pairs, config,
+                                                 native_workers)
+        for split, indices in (("train", train_idx), ("test", test_idx)):
+            split_records = sorted((records[i] for i in indices), key=lambda r: r["id"])
+            shards = _write_shards(folder, split, split_records, scratch, config.preload.shard_size)
+            label_counts = {}
+            for record in split_records:
+                for label in record["labels"]:
+                    label_counts[str(label)] = label_counts.get(str(label), 0) + 1
+            manifest["splits"][split] = {
+                "num_slices": len(split_records),
+                "shards": shards,
+                "slices_with_label": label_counts,
+                "slices": [{k: v for k, v in r.items() if k != "row"} for r in split_records],
+            }
+        if resized:
+            _finish_native_test(native_outcomes, len(test_records), config)
+    manifest["splits"]["test"]["native"] = NATIVE_TEST_DIR if resized else None
     return manifest

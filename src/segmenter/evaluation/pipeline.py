@@ -91,10 +91,6 @@ class TestSlices:
     def __iter__(self) -> Iterator[ScoredSlice]:
         return (self[i] for i in range(len(self)))
 
-    def close(self) -> None:
-        if self.native is not None:
-            self.native.close()
-
 
 def _draw_figures(folder: Path, test: TestSlices, table: pd.DataFrame, config: Config,
                   unit: str) -> dict[str, list]:
@@ -155,25 +151,22 @@ def evaluate_experiment(config: Config) -> EvaluateResult:
     """Run the evaluate stage for ``config``; see the module docstring."""
     manifest = read_manifest(config.preloaded_dir)
     test = TestSlices(config)
-    try:
-        table = metrics_table(((c.slice_id, c.truth, c.pred, c.spacing, c.intensity) for c in test),
-                              config.classes, config.evaluate.nsd_tolerance)
-        summary = summarize(table, config.classes, test.unit, config.evaluate.bootstrap_samples, config.seed)
-        summary["resolution"] = test.resolution
+    table = metrics_table(((c.slice_id, c.truth, c.pred, c.spacing, c.intensity) for c in test),
+                          config.classes, config.evaluate.nsd_tolerance)
+    summary = summarize(table, config.classes, test.unit, config.evaluate.bootstrap_samples, config.seed)
+    summary["resolution"] = test.resolution
 
-        out_dir = config.stage_dir("evaluate")
-        with atomic_directory(out_dir) as tmp_dir:
-            write_text_atomic(table.to_csv(index=False), tmp_dir / "metrics.csv")
-            write_json_atomic(summary, tmp_dir / "summary.json")
-            sections = _draw_figures(tmp_dir / "figures", test, table, config, test.unit)
-            tuning_table, tuning_figures = _tuning_results(config)
-            if tuning_figures:
-                sections = {"Hyperparameter search": tuning_figures, **sections}
-            save_resolved_config(config, tmp_dir)
-            write_report(tmp_dir / "report.html", title=f"Segmentation report: {config.experiment}",
-                         config=config.to_jsonable(), manifest_summary=manifest_summary(manifest, test.resolution),
-                         summary=summary, table=table, figures=sections, tuning_table=tuning_table)
-    finally:
-        test.close()
+    out_dir = config.stage_dir("evaluate")
+    with atomic_directory(out_dir) as tmp_dir:
+        write_text_atomic(table.to_csv(index=False), tmp_dir / "metrics.csv")
+        write_json_atomic(summary, tmp_dir / "summary.json")
+        sections = _draw_figures(tmp_dir / "figures", test, table, config, test.unit)
+        tuning_table, tuning_figures = _tuning_results(config)
+        if tuning_figures:
+            sections = {"Hyperparameter search": tuning_figures, **sections}
+        save_resolved_config(config, tmp_dir)
+        write_report(tmp_dir / "report.html", title=f"Segmentation report: {config.experiment}",
+                     config=config.to_jsonable(), manifest_summary=manifest_summary(manifest, test.resolution),
+                     summary=summary, table=table, figures=sections, tuning_table=tuning_table)
     save_resolved_config(config, config.experiment_dir)
     return EvaluateResult(out_dir, summary)
