@@ -254,13 +254,12 @@ def bland_altman_figure(table: pd.DataFrame, quantity: str, path: Path, *, unit:
 
     x: mean of predicted and true; y: predicted minus true; lines at the mean difference (bias) and at
     bias +- 1.96 SD (limits of agreement). Images where either value is undefined are left out and
-    counted in the panel title. ``unit`` defaults to the table's area unit for area and to "raw image
-    units, HU for CT" for mean intensity.
+    counted in the panel title. ``unit`` defaults to the table's area unit for area and to "image units"
+    for mean intensity (pass "HU" for CT).
     """
     true_values, pred_values, unit = _quantity_columns(table, quantity, unit)
     class_order = list(dict.fromkeys(table["class"]))
     figure, axes = _class_panels(len(class_order))
-    label = f"{QUANTITIES[quantity]} ({unit})"
     for axis, name in zip(axes, class_order):
         truth, pred, defined = _defined_values(table, name, true_values, pred_values)
         mean, difference = (truth + pred) / 2, pred - truth
@@ -274,10 +273,10 @@ def bland_altman_figure(table: pd.DataFrame, quantity: str, path: Path, *, unit:
             axis.plot([], [], color="#555555", linestyle="--", label=f"limits of agreement ±{spread:.3g}")
             axis.legend(fontsize=8)
         axis.axhline(0, color="black", linewidth=0.6)
-        axis.set_xlabel(f"mean of predicted and true {label}")
-        axis.set_ylabel(f"predicted − true {label}")
+        axis.set_xlabel(f"mean of predicted and true ({unit})")
+        axis.set_ylabel(f"predicted − true ({unit})")
         axis.set_title(_panel_title(name, defined))
-    figure.suptitle(f"Bland-Altman: {QUANTITIES[quantity]}")
+    figure.suptitle(f"Bland-Altman: {QUANTITIES[quantity]} ({unit})")
     figure.tight_layout()
     return _save(figure, path)
 
@@ -348,11 +347,12 @@ def training_curves_figure(history_csv_path: Path, path: Path) -> Path:
 DISTRIBUTION_METRICS = ("dice", "iou", "hd95", "assd", "nsd")
 
 
-def metric_and_clinical_sections(table: pd.DataFrame, folder: Path, unit: str) -> dict[str, list]:
+def metric_and_clinical_sections(table: pd.DataFrame, folder: Path, unit: str,
+                                 intensity_unit: Optional[str] = None) -> dict[str, list]:
     """The report's "Metric distributions" and "Clinical measures" figures, as (path, caption) lists.
 
     Area plots are always drawn; mean-intensity plots only when the table has intensities (an image
-    was known for the masks).
+    was known for the masks), in ``intensity_unit`` (e.g. "HU"; None: "image units").
     """
     sections = {"Metric distributions": [
         (distribution_figure(table, metric, folder / f"distribution_{metric}.png",
@@ -362,9 +362,12 @@ def metric_and_clinical_sections(table: pd.DataFrame, folder: Path, unit: str) -
     for quantity in QUANTITIES:
         if table[f"{quantity}_true"].notna().any():
             words = QUANTITIES[quantity]
-            clinical.append((bland_altman_figure(table, quantity, folder / f"bland_altman_{quantity}.png"),
+            quantity_unit = intensity_unit if quantity == "mean_intensity" else None
+            clinical.append((bland_altman_figure(table, quantity, folder / f"bland_altman_{quantity}.png",
+                                                 unit=quantity_unit),
                              f"Bland-Altman plot of {words}, predicted against true"))
-            clinical.append((correlation_figure(table, quantity, folder / f"correlation_{quantity}.png"),
+            clinical.append((correlation_figure(table, quantity, folder / f"correlation_{quantity}.png",
+                                                unit=quantity_unit),
                              f"Predicted against true {words}"))
     sections["Clinical measures"] = clinical
     return sections
@@ -419,7 +422,7 @@ def _quantity_columns(table: pd.DataFrame, quantity: str, unit: Optional[str]) -
             stored = table.attrs.get("area_unit", "pixels")
             unit = {"cm2": "cm²", "cm3": "cm³"}.get(stored, stored)
         else:
-            unit = "raw image units, HU for CT"
+            unit = "image units"
     return f"{quantity}_true", f"{quantity}_pred", unit
 
 

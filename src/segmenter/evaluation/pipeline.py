@@ -120,7 +120,9 @@ def _draw_figures(folder: Path, test: TestSlices, table: pd.DataFrame, config: C
                                                             [c.pred for c in shown], [c.slice_id for c in shown],
                                                             folder / "all_cases.png", window, total=len(test)),
                                    "Every test case: agreement (green), missed (vermilion) and extra (yellow) pixels")]
-    sections.update(figures.metric_and_clinical_sections(table, folder, unit))
+    # A CT window means the raw intensities are Hounsfield units.
+    ct = config.preload.normalization.method == "ct_window"
+    sections.update(figures.metric_and_clinical_sections(table, folder, unit, "HU" if ct else None))
     return sections
 
 
