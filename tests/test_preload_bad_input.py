@@ -143,7 +143,7 @@ def preloaded_once(tmp_path):
 def test_bad_input_stops_with_one_line_naming_file_and_problem(tmp_path, preloaded_once, case):
     data, config_path = preloaded_once
     output = tmp_path / "pre" / "t"
-    before = {path.name: path.read_bytes() for path in output.iterdir()}
+    before = _tree_bytes(output)
 
     named, problem = BAD_INPUTS[case](data)
     result = run_cli("preload", "--config", str(config_path), "--overwrite")
@@ -154,7 +154,7 @@ def test_bad_input_stops_with_one_line_naming_file_and_problem(tmp_path, preload
         assert name in lines[0], lines[0]
     assert problem in lines[0], lines[0]
     # The earlier dataset survives byte for byte, and no temporary folder is left beside it.
-    assert {path.name: path.read_bytes() for path in output.iterdir()} == before
+    assert _tree_bytes(output) == before
     assert [path.name for path in (tmp_path / "pre").iterdir()] == ["t"]
 
 
@@ -189,3 +189,8 @@ def test_skip_invalid_skips_the_bad_pairs_lists_them_and_succeeds(tmp_path):
         assert entry["error"] in result.stdout
     kept = manifest["splits"]["train"]["num_slices"] + manifest["splits"]["test"]["num_slices"]
     assert kept == 10
+
+
+def _tree_bytes(folder):
+    """Every file under ``folder`` (shards, manifest, test-native/...) by relative path, with its bytes."""
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}

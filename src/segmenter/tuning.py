@@ -438,6 +438,7 @@ def objective_figure(table: pd.DataFrame, names: list[str], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     names = [n for n in names if n in table.columns and table[n].nunique(dropna=True) > 1] or names[:1]
     scored = table.dropna(subset=[f"val_{OBJECTIVE}"])
@@ -450,6 +451,8 @@ def objective_figure(table: pd.DataFrame, names: list[str], path: Path) -> Path:
             axis.scatter(values, scored[f"val_{OBJECTIVE}"], color="tab:blue")
             if name == "learning_rate":
                 axis.set_xscale("log")
+                # Within less than a decade matplotlib labels the minor ticks too, and they overlap.
+                axis.xaxis.set_minor_formatter(NullFormatter())
         else:
             labels = values.astype(str)
             categories = sorted(labels.unique())
