@@ -180,13 +180,9 @@ def test_parallel_workers_give_the_same_dataset(tmp_path):
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_resized_test_split_is_also_kept_at_its_original_size(tmp_path, workers, monkeypatch):
+def test_resized_test_split_is_also_kept_at_its_original_size(tmp_path, workers):
     from PIL import Image
 
-    from segmenter import preloading
-
-    # With workers, re-read the test slices in a worker process however few there are (the path large sets take).
-    monkeypatch.setattr(preloading, "_PARALLEL_NATIVE_SLICES", 1)
     data = make_png_npy_set(tmp_path / "data", count=10)
     result = preload(config_for(data, tmp_path, workers=workers, pixel_spacing=[0.5, 0.25]), log=lambda *_: None)
     test = load_split(result.output_dir, "test")

@@ -41,11 +41,6 @@ _MAX_TABLE_LABEL = 65535
 # Sources larger than this in total are hashed by the worker processes in parallel; below it starting the
 # workers (about a second each, they are spawned) costs more than it saves.
 _PARALLEL_HASH_BYTES = 256 * 2**20
-# From this many test slices on, the re-read at their original size runs in one worker process while this
-# process writes the shards; below it, here (starting a process, about a second, would cost more than
-# reading them: about 8 ms a slice for 512 x 512 CSV slices). One process, not preload.workers: this one
-# holds scikit-learn by then, and the re-read only has to keep up with the disk-bound shard writing.
-_PARALLEL_NATIVE_SLICES = 200
 # The scratch arrays of one finished slice, with their data types; shapes follow preload.image_size.
 _SCRATCH_FIELDS = {"image": np.float32, "hu_image": np.float32, "mask": np.uint8}
 
@@ -540,8 +535,8 @@ def _start_native_test(folder: Path, test_records: list[dict], pairs: list[CaseP
     """Start writing ``test-native/`` (see segmenter.dataset): the test slices read again at their original size.
 
     A second read of the test pairs (a fifth of the data by default) costs less than carrying every
-    slice's original-size arrays through the scratch files until the split is known. With a worker
-    process it runs while this process writes the shards; :func:`_finish_native_test` waits for it.
+    slice's original-size arrays through the scratch files until the split is known. With worker
+    processes it runs while this process writes the shards; :func:`_finish_native_test` waits for it.
     """
     folder.mkdir()
     wanted: dict[str, set] = collections.defaultdict(set)
@@ -585,7 +580,6 @@ def _split_and_write(config: Config, records: list[dict], skipped: list[dict], s
         sources = sorted({r["source_image"] for r in records if r["id"] == duplicates[0]})
         raise InputError(config.preload.input_dir, f"duplicate slice id {duplicates[0]!r} "
                                                    f"(from {', '.join(sources)})")
-    workers.close()  # before the split imports scikit-learn (about 180 MB) here, so that the two never add up
     groups, grouping = _split_groups(config, records, log)
     train_idx, test_idx = split_train_test(
         ids, groups, [len(r["labels"]) > 1 or r["labels"] != [0] for r in records],
@@ -606,25 +600,28 @@ def _split_and_write(config: Config, records: list[dict], skipped: list[dict], s
     }
     test_records = [records[i] for i in test_idx]
     resized = any(tuple(r["original_shape"]) != tuple(config.preload.image_size) for r in test_records)
-    processes = 1 if workers.parallel and len(test_records) >= _PARALLEL_NATIVE_SLICES else 0
-    with contextlib.closing(_Workers(config, processes)) as native_workers:
-        if resized:
-            native_outcomes = _start_native_test(folder / NATIVE_TEST_DIR, test_records, pairs, config,
-                                                 native_workers)
-        for split, indices in (("train", train_idx), ("test", test_idx)):
-            split_records = sorted((records[i] for i in indices), key=lambda r: r["id"])
-            shards = _write_shards(folder, split, split_records, scratch, config.preload.shard_size)
-            label_counts = {}
-            for record in split_records:
-                for label in record["labels"]:
-                    label_counts[str(label)] = label_counts.get(str(label), 0) + 1
-            manifest["splits"][split] = {
-                "num_slices": len(split_records),
-                "shards": shards,
-                "slices_with_label": label_counts,
-                "slices": [{k: v for k, v in r.items() if k != "row"} for r in split_records],
-            }
-        if resized:
-            _finish_native_test(native_outcomes, len(test_records), config)
+    if resized:
+        # The workers re-read the test slices while this process writes the shards (disk-bound). Keeping them
+        # alive beside scikit-learn, which the split has loaded here, costs about 100 MB at any dataset size;
+        # re-reading in this process instead cost 10-15% of the speed at 5,000 slices.
+        native_outcomes = _start_native_test(folder / NATIVE_TEST_DIR, test_records, pairs, config, workers)
+    else:
+        workers.close()  # their memory is not needed while the shards are written
+    for split, indices in (("train", train_idx), ("test", test_idx)):
+        split_records = sorted((records[i] for i in indices), key=lambda r: r["id"])
+        shards = _write_shards(folder, split, split_records, scratch, config.preload.shard_size)
+        label_counts = {}
+        for record in split_records:
+            for label in record["labels"]:
+                label_counts[str(label)] = label_counts.get(str(label), 0) + 1
+        manifest["splits"][split] = {
+            "num_slices": len(split_records),
+            "shards": shards,
+            "slices_with_label": label_counts,
+            "slices": [{k: v for k, v in r.items() if k != "row"} for r in split_records],
+        }
+    if resized:
+        _finish_native_test(native_outcomes, len(test_records), config)
+        workers.close()
     manifest["splits"]["test"]["native"] = NATIVE_TEST_DIR if resized else None
     return manifest
