@@ -226,6 +226,21 @@ def test_test_slices_of_one_volume_kept_at_their_original_size(tmp_path):
     assert len(list((result.output_dir / NATIVE_TEST_DIR).iterdir())) == len(test)
 
 
+def test_a_failed_second_read_is_one_line_and_leaves_no_output(tmp_path, monkeypatch):
+    from segmenter import preloading
+
+    def unreadable(pair, slice_ids, config):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(preloading, "native_slices", unreadable)
+    data = make_png_npy_set(tmp_path / "data", count=10)
+    with pytest.raises(InputError) as error:
+        preload(config_for(data, tmp_path), log=lambda *_: None)
+    assert "No space left on device" in str(error.value) and "original size" in str(error.value)
+    assert len(str(error.value).splitlines()) == 1 and str(data / "images") in str(error.value)
+    assert list((tmp_path / "pre").iterdir()) == []  # no output, no temporary folder
+
+
 def test_no_original_size_copy_when_nothing_was_resized(tmp_path):
     data = make_png_npy_set(tmp_path / "data", count=6)
     result = preload(config_for(data, tmp_path, image_size=[32, 32]), log=lambda *_: None)

@@ -56,7 +56,8 @@ def predict_probabilities(model: keras.Model, images: np.ndarray, batch_size: in
 
 
 def predict_test_set(config: Config) -> PredictResult:
-    """Write ``predict/test/<id>.npy`` (uint8 label maps at the preloaded size) for every test slice."""
+    """Write ``predict/test/<id>.npy`` (uint8 label maps) for every test slice, at its original size when
+    preload kept the test split at that size (``test-native/``), else at the preloaded size."""
     model, _ = load_trained_model(config)
     out_dir = config.stage_dir("predict") / "test"
     test_split = read_manifest(config.preloaded_dir)["splits"]["test"]

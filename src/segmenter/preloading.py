@@ -7,6 +7,8 @@ process appends each finished slice to three raw scratch files (images, intensit
 only its small record, so memory does not grow with the number of slices. After the seeded split the slices
 are copied one at a time from the scratch files into shards (``train.npz``, or ``train-00000.npz``, ... for
 large splits) inside a temporary folder that replaces the output folder only when everything succeeded.
+When slices were resized, the workers meanwhile read the test pairs a second time and write the test slices
+at their original size into ``test-native/`` for the evaluate stage (see :mod:`segmenter.dataset`).
 """
 from __future__ import annotations
 
@@ -201,6 +203,7 @@ def process_pair(pair: CasePair, config: Config) -> list[dict]:
             "source_mask": str(pair.mask_path),
             "original_shape": list(image2d.shape),
             "spacing": list(resized_spacing(spacing, image2d.shape, shape)) if spacing else None,
+            "original_spacing": [float(value) for value in spacing] if spacing else None,
             "labels": sorted(int(v) for v in present),
             "image": normalised[..., np.newaxis],
             "hu_image": raw,
@@ -230,10 +233,12 @@ def _native_job(job: tuple[CasePair, frozenset, Path], config: Optional[Config] 
     pair, slice_ids, folder = job
     try:
         slices = native_slices(pair, slice_ids, config or _worker_config)
+        for slice_id, mask2d, image2d, spacing in slices:
+            write_native_slice(folder / f"{slice_id}.npz", mask2d, image2d, spacing)
     except InputError as error:  # InputError does not survive pickling between processes: send its text
         return 0, str(error)
-    for slice_id, mask2d, image2d, spacing in slices:
-        write_native_slice(folder / f"{slice_id}.npz", mask2d, image2d, spacing)
+    except Exception as error:  # a reader's or the disk's failure still gives one line naming the file
+        return 0, str(InputError(pair.image_path, f"{type(error).__name__}: {error}"))
     return len(slices), None
 
 
@@ -340,7 +345,8 @@ def _hash_sources(pairs: list[CasePair], workers: Optional["_Workers"] = None) -
 # Worker processes, scratch files and shards
 # ----------------------------------------------------------------------------------------------------
 class _Workers:
-    """A process pool started on first use (hashing or preprocessing) and shared by both; or none at all.
+    """A process pool started on first use and shared by all the work (hashing, preprocessing, the re-read of
+    the test split at its original size); or none at all.
 
     ``processes`` 0 runs everything in this process (``parallel`` is False).
     """
@@ -478,7 +484,7 @@ def preload(config: Config, overwrite: bool = False, skip_invalid: Optional[bool
                 return PreloadResult(output_dir, old["splits"]["train"]["num_slices"],
                                      old["splits"]["test"]["num_slices"], old.get("skipped", []), up_to_date=True)
 
-        with atomic_directory(output_dir) as tmp_dir:
+        with atomic_directory(output_dir) as tmp_dir, _stopped_on_error(workers):
             (tmp_dir / "scratch").mkdir()
             with contextlib.closing(_ScratchSlices(tmp_dir / "scratch", config.preload.image_size)) as scratch:
                 records, skipped, digests = [], [], {}
@@ -509,6 +515,16 @@ def preload(config: Config, overwrite: bool = False, skip_invalid: Optional[bool
             write_json_atomic(manifest, tmp_dir / "manifest.json")
     return PreloadResult(output_dir, manifest["splits"]["train"]["num_slices"], manifest["splits"]["test"]["num_slices"],
                          skipped)
+
+
+@contextlib.contextmanager
+def _stopped_on_error(workers: _Workers):
+    """Stop the workers before the temporary folder is removed, so none is still writing into it."""
+    try:
+        yield
+    except BaseException:
+        workers.close()
+        raise
 
 
 def _split_groups(config: Config, records: list[dict], log) -> tuple[list[str], str]:
@@ -566,7 +582,7 @@ def _split_and_write(config: Config, records: list[dict], skipped: list[dict], s
     """Split the records, write the shards of each split into ``folder`` and return the manifest.
 
     When preload resized any test slice, the test split is also kept at its original size
-    (``test-native.npz``) for the evaluate stage.
+    (``test-native/``) for the evaluate stage.
     """
     if skipped:
         log(f"Skipped {len(skipped)} invalid pairs (--skip-invalid):")

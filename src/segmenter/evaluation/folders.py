@@ -190,7 +190,9 @@ def evaluate_folders(
     def keeping_thumbnails(stream):
         for case, truth_array, pred_array, case_spacing, intensity in stream:
             if case in grid_ids:
-                thumbnails[case] = _display_slice(truth_array, pred_array, intensity)[:3]  # no plane index
+                # Copies: a plane of a volume would otherwise keep the whole volume in memory.
+                thumbnails[case] = tuple(None if view is None else view.copy()
+                                         for view in _display_slice(truth_array, pred_array, intensity)[:3])
             yield case, truth_array, pred_array, case_spacing, intensity
 
     try:
@@ -286,7 +288,9 @@ DISPLAY_AXES = ("P", "L", "S")
 def _in_display_orientation(truth: LoadedImage, pred: LoadedImage, image: Optional[LoadedImage]):
     """The three on one grid, single-plane volumes as 2D, other volumes with an affine turned to DISPLAY_AXES."""
     items = [_as_2d_if_single_plane(item) if item is not None else None for item in (truth, pred, image)]
-    affine = items[0].affine
+    # All three are on one grid by now; any of them may be the one whose format carries the affine.
+    affine = next((item.affine for item in (items[2], items[0], items[1]) if item is not None
+                   and item.affine is not None), None)
     if items[0].array.ndim != 3 or affine is None:
         return tuple(items)
     transform = orientations.ornt_transform(orientations.io_orientation(affine),

@@ -36,19 +36,24 @@ class EvaluateResult:
 
 @dataclasses.dataclass
 class ScoredSlice:
-    """One test slice as evaluate scores it: truth, prediction, intensities (HU for CT) and pixel spacing."""
+    """One test slice as evaluate scores it: truth, prediction, intensities (HU for CT) and pixel spacing.
+
+    ``intensity`` (for the mean inside each mask) is None when the shards hold no raw intensities;
+    ``display`` is what the figures show: the intensities, else the normalised image.
+    """
 
     slice_id: str
     truth: np.ndarray
     pred: np.ndarray
     intensity: Optional[np.ndarray]
+    display: np.ndarray
     spacing: Optional[tuple[float, ...]]
 
 
 class TestSlices:
     """The test split and its predictions, read slice by slice.
 
-    On each slice's original grid when preload resized the test split (``test-native.npz``), so that
+    On each slice's original grid when preload resized the test split (``test-native/``), so that
     Dice, distances, areas and mean HU describe the masks as they were annotated (nnU-Net, too, scores on
     the original spacing); otherwise at the preloaded size, which is then the original size.
     """
@@ -62,8 +67,11 @@ class TestSlices:
         if missing:
             raise FileNotFoundError(f"{self.prediction_dir}: no prediction for {len(missing)} test slices "
                                     f"(e.g. {missing[0]}); run the predict stage first")
-        spacings = [self._truth(i)[2] for i in range(len(self.ids))] if self.native else \
-            [known_spacing(s) for s in self.preloaded.spacing]
+        if self.native:
+            records = {r["id"]: r for r in read_manifest(config.preloaded_dir)["splits"]["test"]["slices"]}
+            spacings = [known_spacing(records[i]["original_spacing"]) for i in self.ids]
+        else:
+            spacings = [known_spacing(s) for s in self.preloaded.spacing]
         # Some slices without a spacing (e.g. PNG mixed with DICOM): one unit for all, pixels.
         self.unit = distance_unit(spacings)
         self.resolution = "original" if self.native else "preloaded"
@@ -74,19 +82,20 @@ class TestSlices:
     def _truth(self, i: int):
         if self.native is not None:
             native = self.native[self.ids[i]]
-            return native.mask, native.intensity, known_spacing(native.spacing)
+            return native.mask, native.intensity, native.intensity, known_spacing(native.spacing)
         test = self.preloaded
-        intensity = test.hu_images[i] if test.hu_images is not None else test.images[i, ..., 0]
-        return test.masks[i], intensity, known_spacing(test.spacing[i])
+        intensity = test.hu_images[i] if test.hu_images is not None else None
+        display = intensity if intensity is not None else test.images[i, ..., 0]
+        return test.masks[i], intensity, display, known_spacing(test.spacing[i])
 
     def __getitem__(self, i: int) -> ScoredSlice:
-        truth, intensity, spacing = self._truth(i)
+        truth, intensity, display, spacing = self._truth(i)
         path = self.prediction_dir / f"{self.ids[i]}.npy"
         pred = np.load(path)
         if pred.shape != truth.shape:
             raise InputError(path, f"prediction of shape {pred.shape}, but the test slice is {truth.shape} "
                                    f"at the {self.resolution} size; run the predict stage again")
-        return ScoredSlice(self.ids[i], truth, pred, intensity, spacing if self.unit == "mm" else None)
+        return ScoredSlice(self.ids[i], truth, pred, intensity, display, spacing if self.unit == "mm" else None)
 
     def __iter__(self) -> Iterator[ScoredSlice]:
         return (self[i] for i in range(len(self)))
@@ -110,13 +119,13 @@ def _draw_figures(folder: Path, test: TestSlices, table: pd.DataFrame, config: C
             case = test[index_of[slice_id]]
             row = table[(table.image_id == slice_id) & (table["class"] == class_name)].iloc[0]
             path = figures.comparison_figure(
-                case.intensity, case.truth, case.pred, class_id, class_name,
+                case.display, case.truth, case.pred, class_id, class_name,
                 f"{class_name}, {rank} case: {slice_id}", folder / f"compare_{class_name}_{rank}.png", window,
                 spacing=case.spacing)
             comparisons.append((path, f"{class_name}: {rank} case by Dice ({slice_id}, Dice {row.dice:.3f})"))
     sections["Best, median and worst cases"] = comparisons
     shown = [test[i] for i in figures.grid_indices(len(test))]
-    sections["All test cases"] = [(figures.case_grid_figure([c.intensity for c in shown], [c.truth for c in shown],
+    sections["All test cases"] = [(figures.case_grid_figure([c.display for c in shown], [c.truth for c in shown],
                                                             [c.pred for c in shown], [c.slice_id for c in shown],
                                                             folder / "all_cases.png", window, total=len(test)),
                                    "Every test case: agreement (green), missed (vermilion) and extra (yellow) pixels")]

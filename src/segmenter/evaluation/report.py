@@ -132,7 +132,10 @@ def write_report(
     overview = f"<p>{_e(n_images)} test images. Distances in <b>{_e(distance)}</b>, areas in <b>{_e(area)}</b>"
     if tolerance is not None:
         overview += f", normalised surface Dice at a tolerance of <b>{_e(_number(tolerance))} {_e(distance)}</b>"
-    overview += ".</p>"
+    overview += "."
+    if summary.get("resolution") == "original":
+        overview += " Scored on each image's original grid (the model ran on resized copies)."
+    overview += "</p>"
     return write_text_atomic(_page(title, overview, sections), Path(path))
 
 
