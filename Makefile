@@ -35,7 +35,7 @@ demo: $(VENV)/.installed
 	$(BIN)/segmenter tune     --config $(DEMO)
 	$(BIN)/segmenter train    --config $(DEMO)
 	$(BIN)/segmenter predict  --config $(DEMO)
-	$(BIN)/segmenter evaluate --config $(DEMO) | tail -n 1
+	$(BIN)/segmenter evaluate --config $(DEMO)
 
 # The README's figures: the demo run's comparison figure and a screenshot of its report (needs Chromium).
 readme-figures: demo system-test-deps

@@ -36,7 +36,7 @@ from segmenter.errors import InputError
 from segmenter.preprocessing import prepare_image, resize_mask, resized_spacing, split_train_test
 
 # Bumped whenever what preload writes changes, so an older preloaded dataset is redone, not reused.
-MANIFEST_VERSION = 3
+MANIFEST_VERSION = 4
 
 # Source labels up to this value are remapped through a lookup table (see remap_labels).
 _MAX_TABLE_LABEL = 65535
