@@ -191,6 +191,22 @@ def test_volumes_are_turned_to_radiological_display_orientation():
     assert truth.array[-1, -1, 0] == 1  # bottom row (posterior), last column (patient left), first plane
 
 
+def test_a_single_axial_plane_is_turned_and_a_sagittal_one_kept():
+    from segmenter.evaluation.folders import _in_display_orientation
+    from segmenter.io import LoadedImage
+
+    axial = np.zeros((4, 5, 1), np.uint8)
+    axial[0, 0, 0] = 1
+    truth, _, _ = _in_display_orientation(*[LoadedImage(axial, (0.5, 0.8, 3.0), np.diag([0.5, 0.8, 3.0, 1.0]), None)] * 2,
+                                          None)
+    assert truth.array.shape == (5, 4) and truth.array[-1, -1] == 1 and truth.spacing == (0.8, 0.5)
+    sagittal = np.zeros((1, 5, 4), np.uint8)
+    sagittal[0, 0, 0] = 1
+    truth, _, _ = _in_display_orientation(*[LoadedImage(sagittal, (3.0, 0.8, 0.5), np.diag([3.0, 0.8, 0.5, 1.0]),
+                                                        None)] * 2, None)
+    assert truth.array.shape == (5, 4) and truth.array[0, 0] == 1 and truth.spacing == (0.8, 0.5)
+
+
 def test_scores_do_not_depend_on_how_a_volume_is_stored(tmp_path):
     """The prediction stored transposed and flipped, with the affine saying so, scores as the same grid."""
     truth, pred = tmp_path / "truth", tmp_path / "pred"

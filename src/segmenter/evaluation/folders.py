@@ -286,29 +286,35 @@ DISPLAY_AXES = ("P", "L", "S")
 
 
 def _in_display_orientation(truth: LoadedImage, pred: LoadedImage, image: Optional[LoadedImage]):
-    """The three on one grid, single-plane volumes as 2D, other volumes with an affine turned to DISPLAY_AXES."""
-    items = [_as_2d_if_single_plane(item) if item is not None else None for item in (truth, pred, image)]
-    # All three are on one grid by now; any of them may be the one whose format carries the affine.
-    affine = next((item.affine for item in (items[2], items[0], items[1]) if item is not None
-                   and item.affine is not None), None)
-    if items[0].array.ndim != 3 or affine is None:
-        return tuple(items)
-    transform = orientations.ornt_transform(orientations.io_orientation(affine),
-                                            orientations.axcodes2ornt(DISPLAY_AXES))
-    new_affine = affine @ orientations.inv_ornt_aff(transform, items[0].array.shape)
-    turned = []
-    for item in items:
-        if item is None:
-            turned.append(None)
-            continue
-        spacing = None
-        if item.spacing is not None:
-            spacing = [0.0] * 3
-            for old_axis, (new_axis, _) in enumerate(transform):
-                spacing[int(new_axis)] = item.spacing[old_axis]
-        array = np.ascontiguousarray(orientations.apply_orientation(item.array, transform))
-        turned.append(LoadedImage(array, None if spacing is None else tuple(spacing), new_affine, item.source))
-    return tuple(turned)
+    """The three (on one grid) turned to DISPLAY_AXES when they have an affine, single-plane volumes as 2D.
+
+    A single plane is turned only when it is axial (its missing axis is the inferior-superior one); a
+    sagittal or coronal plane keeps its stored order, which is how such planes are usually stored.
+    """
+    items = (truth, pred, image)
+    # All three are on one grid; any of them may be the one whose format carries the affine.
+    affine = next((item.affine for item in (image, truth, pred) if item is not None and item.affine is not None),
+                  None)
+    shape = truth.array.shape
+    if truth.array.ndim == 3 and affine is not None:
+        transform = orientations.ornt_transform(orientations.io_orientation(affine),
+                                                orientations.axcodes2ornt(DISPLAY_AXES))
+        single_plane_axis = shape.index(1) if 1 in shape else None
+        if single_plane_axis is None or int(transform[single_plane_axis, 0]) == 2:
+            new_affine = affine @ orientations.inv_ornt_aff(transform, shape)
+            items = tuple(None if item is None else _turned(item, transform, new_affine) for item in items)
+    return tuple(None if item is None else _as_2d_if_single_plane(item) for item in items)
+
+
+def _turned(item: LoadedImage, transform: np.ndarray, affine: np.ndarray) -> LoadedImage:
+    """``item`` with its axes permuted and flipped by a nibabel orientation transform, spacing permuted alike."""
+    spacing = None
+    if item.spacing is not None:
+        spacing = [0.0] * 3
+        for old_axis, (new_axis, _) in enumerate(transform):
+            spacing[int(new_axis)] = item.spacing[old_axis]
+    array = np.ascontiguousarray(orientations.apply_orientation(item.array, transform))
+    return LoadedImage(array, None if spacing is None else tuple(spacing), affine, item.source)
 
 
 def _as_2d_if_single_plane(mask: LoadedImage) -> LoadedImage:
