@@ -159,7 +159,11 @@ class NativeTestSlices:
             return NativeSlice(data["mask"], data["intensity"], data["spacing"])
 
 
-def open_native_test(preloaded_dir: Path) -> Optional[NativeTestSlices]:
-    """The test split on its original grid, or None when preload did not resize it (nothing to keep)."""
-    name = read_manifest(preloaded_dir)["splits"]["test"].get("native")
+def open_native_test(preloaded_dir: Path, manifest: Optional[dict] = None) -> Optional[NativeTestSlices]:
+    """The test split on its original grid, or None when preload did not resize it (nothing to keep).
+
+    ``manifest``: the dataset's manifest if the caller has read it already (else it is read here).
+    """
+    manifest = read_manifest(preloaded_dir) if manifest is None else manifest
+    name = manifest["splits"]["test"].get("native")
     return NativeTestSlices(Path(preloaded_dir) / name) if name else None

@@ -58,9 +58,9 @@ class TestSlices:
     the original spacing); otherwise at the preloaded size, which is then the original size.
     """
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, manifest: dict):
         self.preloaded = load_split(config.preloaded_dir, "test")
-        self.native = open_native_test(config.preloaded_dir)
+        self.native = open_native_test(config.preloaded_dir, manifest)
         self.ids = [str(slice_id) for slice_id in self.preloaded.ids]
         self.prediction_dir = config.stage_dir("predict") / "test"
         missing = [i for i in self.ids if not (self.prediction_dir / f"{i}.npy").is_file()]
@@ -68,7 +68,7 @@ class TestSlices:
             raise FileNotFoundError(f"{self.prediction_dir}: no prediction for {len(missing)} test slices "
                                     f"(e.g. {missing[0]}); run the predict stage first")
         if self.native:
-            records = {r["id"]: r for r in read_manifest(config.preloaded_dir)["splits"]["test"]["slices"]}
+            records = {r["id"]: r for r in manifest["splits"]["test"]["slices"]}
             spacings = [known_spacing(records[i]["original_spacing"]) for i in self.ids]
         else:
             spacings = [known_spacing(s) for s in self.preloaded.spacing]
@@ -161,7 +161,7 @@ def manifest_summary(manifest: dict, resolution: str) -> dict:
 def evaluate_experiment(config: Config) -> EvaluateResult:
     """Run the evaluate stage for ``config``; see the module docstring."""
     manifest = read_manifest(config.preloaded_dir)
-    test = TestSlices(config)
+    test = TestSlices(config, manifest)
     table = metrics_table(((c.slice_id, c.truth, c.pred, c.spacing, c.intensity) for c in test),
                           config.classes, config.evaluate.nsd_tolerance)
     summary = summarize(table, config.classes, test.unit, config.evaluate.bootstrap_samples, config.seed)
