@@ -24,17 +24,32 @@ CONFIG = {
         "experiments_root": "experiments",
     },
     # ------------------------------------------------------------------------------------------------
-    # 1. preload: original dataset -> preloaded_dataset/<experiment>/{train.npz, test.npz, manifest.json}
+    # 1. preload: original dataset -> preloaded_dataset/<experiment>/{manifest.json, train*.npz, test/}
     # ------------------------------------------------------------------------------------------------
     "preload": {
         # Folder of the original dataset, with images and masks in two subfolders paired by file name
         # (without the format suffix): images/<id>.csv pairs with masks/<id>.csv, images/7.png with masks/7.npy.
-        # Supported: CSV (one slice of numbers; header row and , ; or tab delimiters detected), PNG (8/16
-        # bit), NPY, NIfTI (.nii, .nii.gz; 3D volumes are cut into slices along slice_axis) and DICOM (a
-        # .dcm file, or a subfolder of .dcm files = one series, in Hounsfield units).
+        # Each pair is a case: one 2D image or one 3D volume. Supported: CSV (one slice of numbers; header row
+        # and , ; or tab delimiters detected), PNG (8/16 bit), NPY, NIfTI (.nii, .nii.gz; volumes are trained
+        # on as slices along slice_axis, and tested whole) and DICOM (a .dcm file, or a subfolder of .dcm
+        # files = one series, in Hounsfield units).
+        # An nnU-Net / Medical Segmentation Decathlon folder (imagesTr/, labelsTr/, dataset.json) needs
+        # nothing else: its dataset.json gives the experiment name, the classes, the channels and the
+        # subfolders, for every one of those keys this config leaves out.
         "input_dir": "original_dataset/demo_l3_ct",
         "images_subdir": "images",
         "masks_subdir": "masks",
+        # Channel names, in the order the model takes them. With more than one, every case has one image
+        # file per channel named as nnU-Net names them: <case>_0000.nii.gz, <case>_0001.nii.gz, ... beside
+        # the label map <case>.nii.gz. The channels of a case must share one grid.
+        "channels": ["image"],
+        # A fixed test set instead of the random split: the ids of the test cases, and/or test_dir, a folder
+        # laid out like input_dir (images_subdir/, masks_subdir/) whose every case is a test case.
+        "test_cases": [],
+        "test_dir": None,
+        # Cases left out of the dataset altogether, by id, e.g. images whose annotation is missing or partial
+        # (they are not negative cases: tested, they would score the annotation, not the model).
+        "exclude_cases": [],
         # Explicit [image, mask] pairs relative to input_dir, used instead of the two subfolders when given,
         # e.g. [["dicom", "dicom_labels.nii.gz"]] for a DICOM series with a NIfTI label map.
         "pairs": [],
@@ -47,25 +62,32 @@ CONFIG = {
         # the file and labels). "background": only 0 and the labels in label_map are kept; every other
         # label, even one equal to a class index, becomes 0 (for multi-structure label maps).
         "unmapped_labels": "error",
-        # Keep only slices whose (remapped) mask contains every listed label, e.g. [0, 1, 2]. [] keeps all.
+        # Filters of the training samples only (the test cases are always whole and never chosen by their
+        # labels): train only on slices whose (remapped) mask contains every listed label, e.g. [0, 1, 2]
+        # ([] keeps all), and, with keep_empty_slices False, not on slices that are all background (e.g. the
+        # many empty slices of a 3D volume).
         "require_labels": [],
-        # False drops slices whose mask is all background (e.g. the many empty slices of a 3D volume).
         "keep_empty_slices": True,
         "normalization": {
             # ct_window: clip to window (HU) then scale to 0..1 (CT); minmax: per image to 0..1;
             # divide_255: 8-bit images to 0..1; zscore: per image to mean 0, sd 1 (MRI);
             # percentile_zscore: clip to the percentiles, then zscore (MRI with outliers); none.
+            # One setting for every channel, or a list of settings, one per channel (e.g. z-score for T2 and
+            # none for ADC); each channel of each slice is normalised on its own.
             "method": "minmax",
             "window": [-200.0, 300.0],
             "percentiles": [0.5, 99.5],
         },
-        # Every slice is resized to this (rows, columns): images linearly, masks nearest-neighbour.
+        # Training samples (2D slices) are resized to this (rows, columns): images linearly, masks nearest-
+        # neighbour; predict resizes its inputs alike and writes label maps back at their own size.
         # Both must be divisible by 2**train.model.depth.
         "image_size": [256, 256],
         # Pixel spacing (row, column) in mm of 2D files whose format carries none (CSV, PNG, NPY), so
         # evaluate can report mm and cm²; None: distances in pixels. DICOM and NIfTI use their headers.
         "pixel_spacing": None,
-        # Share of slices (rounded to whole folds of patients/volumes) held out as the test set.
+        # Share of cases (rounded to whole folds of patients, see group_pattern) held out as the test set. A
+        # dataset of one volume (e.g. one CT series) is split into a training part and one contiguous test
+        # slab of this share of its slices, at a place drawn from the seed.
         "test_fraction": 0.2,
         # Axis along which 3D volumes are cut into 2D slices (2 = axial for RAS-oriented NIfTI).
         "slice_axis": 2,
@@ -165,6 +187,10 @@ CONFIG = {
     "evaluate": {
         # Tolerance of the normalised surface Dice, in mm when the pixel spacing is known, else pixels.
         "nsd_tolerance": 2.0,
+        # HD95: "max_directed", the larger of the two directed 95th percentiles (MONAI, DeepMind's
+        # surface-distance, what nnU-Net and MONAI users report), or "pooled", the 95th percentile of both
+        # directions pooled (medpy).
+        "hd95": "max_directed",
         # Intensity window of the images in figures, in the original units (e.g. [-200, 200] HU for CT);
         # None: the 1st to 99th percentile of each image.
         "display_window": None,

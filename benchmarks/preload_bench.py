@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from segmenter import layout
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Sampling period of the memory of the process tree, in seconds. Worker processes live for the whole run
@@ -194,8 +196,8 @@ def main() -> None:
             result, seconds, peak = run_measured(command, env)
             if result.returncode != 0:
                 sys.exit(f"preload of {size} slices failed:\n{result.stderr[-3000:]}")
-            manifest = json.loads((work / "preloaded" / "preload_bench" / "manifest.json").read_text())
-            preloaded = sum(split["num_slices"] for split in manifest["splits"].values())
+            manifest = json.loads(layout.manifest_path(work / "preloaded" / "preload_bench").read_text())
+            preloaded = len(manifest["train"]["cases"]) + len(manifest["test"]["cases"])
             if preloaded != size:
                 sys.exit(f"preloaded {preloaded} slices, expected {size}")
             figures["sizes"][str(size)] = {"slices_per_s": round(size / seconds, 1), "peak_rss_mb": round(peak, 1),

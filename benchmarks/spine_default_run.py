@@ -17,7 +17,29 @@ import sys
 import time
 from pathlib import Path
 
+from segmenter import layout
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_default(config: str, overrides: list[str]) -> tuple[list[str], dict, Path]:
+    """Run preload (--overwrite), train, predict and evaluate in fresh processes; (the --set arguments used,
+    seconds per stage, the evaluate folder)."""
+    sets = [item for override in overrides for item in ("--set", override)]
+    # The default run trains with the config's own settings: tuning results, if any, are not used.
+    sets += ["--set", "train.use_tuned_hyperparameters=False"]
+    seconds = {}
+    for stage, extra in (("preload", ["--overwrite"]), ("train", []), ("predict", []), ("evaluate", [])):
+        started = time.perf_counter()
+        command = [sys.executable, "-m", f"stages.{stage}", "--config", config, *sets, *extra]
+        result = subprocess.run(command, capture_output=True, text=True, env={**os.environ})
+        seconds[stage] = round(time.perf_counter() - started, 1)
+        if result.returncode != 0:
+            sys.exit(f"{stage} failed:\n{result.stderr[-3000:]}")
+        print(f"{stage}: {seconds[stage]} s; {result.stdout.strip().splitlines()[-1]}", flush=True)
+        if stage == "evaluate":
+            evaluate_dir = Path(result.stdout.strip().splitlines()[-1]).parent
+    return sets, seconds, evaluate_dir
 
 
 def main() -> None:
@@ -26,21 +48,8 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    sets = [item for override in args.overrides for item in ("--set", override)]
-    # The default run trains with the config's own settings: tuning results, if any, are not used.
-    sets += ["--set", "train.use_tuned_hyperparameters=False"]
-    seconds = {}
-    for stage, extra in (("preload", ["--overwrite"]), ("train", []), ("predict", []), ("evaluate", [])):
-        started = time.perf_counter()
-        command = [sys.executable, "-m", f"stages.{stage}", "--config", args.config, *sets, *extra]
-        result = subprocess.run(command, capture_output=True, text=True, env={**os.environ})
-        seconds[stage] = round(time.perf_counter() - started, 1)
-        if result.returncode != 0:
-            sys.exit(f"{stage} failed:\n{result.stderr[-3000:]}")
-        print(f"{stage}: {seconds[stage]} s; {result.stdout.strip().splitlines()[-1]}", flush=True)
-        if stage == "evaluate":
-            summary_path = Path(result.stdout.strip().splitlines()[-1]).with_name("summary.json")
-    summary = json.loads(summary_path.read_text())
+    sets, seconds, evaluate_dir = run_default(args.config, args.overrides)
+    summary = json.loads((evaluate_dir / layout.SUMMARY).read_text())
     figures = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
         "command": f"segmenter preload|train|predict|evaluate --config {Path(args.config).name} {' '.join(sets)}",

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from segmenter import layout
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -77,15 +79,15 @@ def main() -> None:
     started = time.perf_counter()
     run("tune", *experiment, "--overwrite", "--set", f"tune.time_budget_minutes={args.minutes}")
     search_seconds = time.perf_counter() - started
-    best = json.loads((config.stage_dir("tune") / "best_hyperparameters.json").read_text())
+    best = json.loads((config.stage_dir("tune") / layout.BEST_HYPERPARAMETERS).read_text())
     print(f"search: best validation mean foreground Dice {best['score']:.4f} in {search_seconds:.0f} s "
           f"with {best['values']}", flush=True)
 
     run("train", *experiment)
     run("predict", *experiment)
     run("evaluate", *experiment)
-    tuned = json.loads((config.stage_dir("evaluate") / "summary.json").read_text())
-    default_summary_path = REPO_ROOT / "experiments" / "spine_mri" / "evaluate" / "summary.json"
+    tuned = json.loads((config.stage_dir("evaluate") / layout.SUMMARY).read_text())
+    default_summary_path = REPO_ROOT / "experiments" / "spine_mri" / "evaluate" / layout.SUMMARY
     default = json.loads(default_summary_path.read_text()) if default_summary_path.is_file() else None
     figures = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",

@@ -3,7 +3,8 @@
 Data: ../shared/datasets/msd_hippocampus (200 NIfTI volumes about 35 x 50 x 35 voxels at 1 mm). Each volume
 is cut into 2D slices along the last axis; slices keep their volume's id, and no volume has slices in both
 train and test. Intensity scales differ wildly between volumes: each slice is clipped to its 0.5-99.5
-percentiles and z-scored. Only slices that show some hippocampus are kept.
+percentiles and z-scored. Only slices that show some hippocampus are trained on (keep_empty_slices filters
+training samples); the test volumes are predicted and scored whole, in 3D.
 """
 
 CONFIG = {

@@ -29,7 +29,7 @@ def write_config(folder: Path, config: dict, name: str = "config.py") -> Path:
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``segmenter <args>`` through ``python -m`` in a fresh process, as a user would."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-c", "import sys; from segmenter.cli import segmenter_main; "
                "sys.exit(segmenter_main(sys.argv[1:]))", *args]
     return subprocess.run(command, cwd=cwd or REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -37,7 +37,7 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
 
 def run_stage_module(stage: str, *args: str, cwd: Path | None = None, timeout: int = 600):
     """Run ``python -m stages.<stage> <args>`` in a fresh process."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", f"stages.{stage}", *args], cwd=cwd or REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

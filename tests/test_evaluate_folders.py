@@ -107,7 +107,7 @@ def test_nifti_spacing_from_the_header(tmp_path):
     metrics = pd.read_csv(out / "metrics.csv")
     # Shifted by one plane of 2.5 mm: the largest surface distance is 2.5 mm.
     assert metrics["hd"].to_numpy() == pytest.approx([2.5] * 3)
-    assert metrics["area_true"].to_numpy() == pytest.approx([10 * 10 * 4 * 0.7 * 0.7 * 2.5 / 1000] * 3)
+    assert metrics["volume_true"].to_numpy() == pytest.approx([10 * 10 * 4 * 0.7 * 0.7 * 2.5 / 1000] * 3)
 
 
 def test_single_plane_nifti_is_scored_as_2d(tmp_path):
@@ -224,7 +224,7 @@ def test_scores_do_not_depend_on_how_a_volume_is_stored(tmp_path):
     assert result.returncode == 0, result.stderr
     row = pd.read_csv(out / "metrics.csv").iloc[0]
     assert row["dice"] == 1.0 and row["hd"] == 0.0
-    assert row["area_true"] == pytest.approx(8 * 6 * 3 * 0.7 * 0.9 * 2.5 / 1000)
+    assert row["volume_true"] == pytest.approx(8 * 6 * 3 * 0.7 * 0.9 * 2.5 / 1000)
 
 
 # --- comparing runs --------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from segmenter.dataset import load_split, read_manifest
+from segmenter import layout
+from segmenter.dataset import load_training_samples
+from segmenter.manifest import read_manifest
 from tests.conftest import run_cli, run_stage_module, tiny_ct_config, write_config
 
 pytestmark = pytest.mark.slow
@@ -34,18 +36,19 @@ def test_preloaded_dataset(finished_run, tiny_ct_dataset):
     work, _, _ = finished_run
     preloaded = work / "preloaded" / "tiny_ct"
     manifest = read_manifest(preloaded)
-    train, test = load_split(preloaded, "train"), load_split(preloaded, "test")
-    assert (preloaded / "train.npz").is_file() and (preloaded / "test.npz").is_file()
-    assert len(train) + len(test) == 12 and len(test) >= 2
-    assert set(train.ids).isdisjoint(test.ids)
+    train = load_training_samples(preloaded)
+    test_ids = {case.id for case in manifest.test.cases}
+    assert (preloaded / "train.npz").is_file() and layout.test_labels_dir(preloaded).is_dir()
+    assert len(train) + len(test_ids) == 12 and len(test_ids) >= 2
+    assert set(train.ids).isdisjoint(test_ids)
     assert train.images.shape[1:] == (32, 32, 1) and train.images.dtype == np.float32
     assert 0.0 <= train.images.min() and train.images.max() <= 1.0
     assert set(np.unique(train.masks)) == {0, 1}
-    assert manifest["classes"] == ["background", "muscle"]
-    assert manifest["config"]["experiment"] == "tiny_ct"
-    sources = {s["source_image"] for split in manifest["splits"].values() for s in split["slices"]}
+    assert manifest.classes == ["background", "muscle"] and manifest.channels == ["image"]
+    assert manifest.config["experiment"] == "tiny_ct"
+    sources = {path for case in manifest.train.cases + manifest.test.cases for path in case.images}
     assert sources == {str(p) for p in (tiny_ct_dataset / "images").glob("*.csv")}
-    assert all(len(digest) == 64 for digest in manifest["sources"].values())
+    assert all(len(digest) == 64 for digest in manifest.sources.values())
 
 
 def test_tune_artifacts(finished_run):
@@ -74,12 +77,15 @@ def test_train_artifacts(finished_run):
 
 def test_predictions(finished_run, tiny_ct_dataset):
     work, _, _ = finished_run
-    test = load_split(work / "preloaded" / "tiny_ct", "test")
+    manifest = read_manifest(work / "preloaded" / "tiny_ct")
     predict_dir = work / "experiments" / "tiny_ct" / "predict"
-    # Preload resized the 64 x 64 slices to 32 x 32; test-set masks come back on the original grid.
-    for slice_id in test.ids:
-        mask = np.load(predict_dir / "test" / f"{slice_id}.npy")
-        assert mask.shape == (64, 64) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+    # Preload resized the 64 x 64 slices to 32 x 32 for training; test masks come back on the original grid,
+    # in the source's format (CSV), one per test case and nothing else.
+    assert sorted(p.name for p in (predict_dir / "test").glob("*.csv")) == sorted(
+        f"{case.id}.csv" for case in manifest.test.cases)
+    for case in manifest.test.cases:
+        mask = np.loadtxt(predict_dir / "test" / f"{case.id}.csv", delimiter=",")
+        assert mask.shape == (64, 64) and set(np.unique(mask)) <= {0, 1}
     # --input: one mask per input file, under the input's name, at the input's own size.
     outputs = sorted(p.name for p in (predict_dir / "images").glob("*.csv"))
     assert outputs == sorted(p.name for p in (tiny_ct_dataset / "images").glob("*.csv"))
@@ -90,7 +96,7 @@ def test_predictions(finished_run, tiny_ct_dataset):
 def test_evaluation(finished_run):
     work, _, outputs = finished_run
     evaluate = work / "experiments" / "tiny_ct" / "evaluate"
-    test = load_split(work / "preloaded" / "tiny_ct", "test")
+    test = read_manifest(work / "preloaded" / "tiny_ct").test.cases
     metrics = pd.read_csv(evaluate / "metrics.csv")
     assert len(metrics) == len(test)  # one row per image and foreground class
     assert list(metrics.columns[:8]) == ["image_id", "class", "dice", "iou", "hd", "hd95", "assd", "nsd"]
@@ -109,13 +115,31 @@ def test_evaluation_scores_on_the_original_grid(finished_run, tiny_ct_dataset):
     """Areas and mean intensities are those of the 64 x 64 source masks and images, not the 32 x 32 copies."""
     work, _, _ = finished_run
     evaluate = work / "experiments" / "tiny_ct" / "evaluate"
-    assert json.loads((evaluate / "summary.json").read_text())["resolution"] == "original"
     metrics = pd.read_csv(evaluate / "metrics.csv", dtype={"image_id": str}).set_index("image_id")
     for slice_id, row in metrics.iterrows():
         image = np.loadtxt(tiny_ct_dataset / "images" / f"{slice_id}.csv", delimiter=",")
         mask = np.loadtxt(tiny_ct_dataset / "masks" / f"{slice_id}.csv", delimiter=",") == 1
         assert row.area_true == mask.sum()  # pixels: the tiny set has no spacing
         assert row.mean_intensity_true == pytest.approx(image[mask].mean())
+
+
+def test_experiment_evaluation_equals_the_folder_evaluation_of_its_files(finished_run, tmp_path):
+    """One evaluation path: evaluate --truth --pred --images on the experiment's folders gives the same rows."""
+    work, config_path, _ = finished_run
+    preloaded, experiment = work / "preloaded" / "tiny_ct", work / "experiments" / "tiny_ct"
+    result = run_cli("evaluate", "--truth", str(layout.test_labels_dir(preloaded)),
+                     "--pred", str(experiment / "predict" / "test"), "--images", str(layout.test_images_dir(preloaded)),
+                     "--classes", "background,muscle", "--out", str(tmp_path / "folders"))
+    assert result.returncode == 0, result.stderr
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "folders" / "metrics.csv"),
+                                  pd.read_csv(experiment / "evaluate" / "metrics.csv"))
+    # The same summary too, but for the bootstrap interval (the experiment's config sets 50 resamples).
+    summaries = [json.loads((folder / "summary.json").read_text()) for folder in (tmp_path / "folders",
+                                                                                   experiment / "evaluate")]
+    for summary in summaries:
+        for stats in summary["classes"].values():
+            stats.pop("dice_mean_ci95")
+    assert summaries[0] == summaries[1]
 
 
 def test_preload_again_is_up_to_date(finished_run):

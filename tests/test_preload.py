@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 from segmenter.config import build_config
-from segmenter.dataset import NATIVE_TEST_DIR, load_split, open_native_test, read_manifest
+from segmenter import layout
+from segmenter.dataset import load_training_samples
 from segmenter.errors import InputError
-from segmenter.preloading import preload
+from segmenter.manifest import read_manifest
+from segmenter.preload import preload
 from tests.conftest import REPO_ROOT, run_cli, shared_dataset, write_config
 from segmenter.config import load_config
 
@@ -44,33 +46,43 @@ def config_for(data_dir: Path, work: Path, classes=("background", "a", "b"), **p
     return build_config(raw)
 
 
+def ids_of_test_cases(output_dir: Path) -> set:
+    return {case.id for case in read_manifest(output_dir).test.cases}
+
+
 def test_png_npy_pairs_are_preloaded_resized_and_split(tmp_path):
     data = make_png_npy_set(tmp_path / "data", count=10)
     result = preload(config_for(data, tmp_path), log=lambda *_: None)
     out = result.output_dir
-    train, test = load_split(out, "train"), load_split(out, "test")
-    assert len(train) + len(test) == 10 and len(test) == 2
+    train = load_training_samples(out)
+    manifest = read_manifest(out)
+    assert len(manifest.train.cases) == len(train) == 8 and len(manifest.test.cases) == 2
     assert train.images.shape == (8, 16, 16, 1) and train.masks.shape == (8, 16, 16)
     assert set(np.unique(train.masks)) == {0, 1, 2}
     assert 0 <= train.images.min() and train.images.max() <= 1
     assert np.isnan(train.spacing).all()  # PNG carries no pixel spacing
-    manifest = read_manifest(out)
-    assert manifest["splits"]["test"]["num_slices"] == 2
-    assert {s["id"] for s in manifest["splits"]["test"]["slices"]} == set(test.ids)
+    # The test cases are kept whole at their own size: raw intensities and label maps, for predict and evaluate.
+    for case in manifest.test.cases:
+        assert case.shape == [32, 32] and case.output_suffix == ".png" and case.labels == [0, 1, 2]
+        label_map = np.load(layout.test_labels_dir(out) / f"{case.id}.npy")
+        np.testing.assert_array_equal(label_map, np.load(data / "masks" / f"{case.id}.npy"))
+        assert label_map.dtype == np.uint8
+        assert np.load(layout.test_images_dir(out) / f"{case.id}.npy").dtype == np.int16  # integral PNG values
+    assert not set(train.case_ids) & ids_of_test_cases(out)
 
 
 def test_same_inputs_give_same_split_and_are_up_to_date(tmp_path):
     data = make_png_npy_set(tmp_path / "data", count=10)
     config = config_for(data, tmp_path)
     first = preload(config, log=lambda *_: None)
-    test_ids = set(load_split(first.output_dir, "test").ids)
+    tested = ids_of_test_cases(first.output_dir)
     again = preload(config, log=lambda *_: None)
     assert again.up_to_date and "up to date" in str(again)
     redone = preload(config, overwrite=True, log=lambda *_: None)
-    assert not redone.up_to_date and set(load_split(redone.output_dir, "test").ids) == test_ids
+    assert not redone.up_to_date and ids_of_test_cases(redone.output_dir) == tested
     # A first run or --overwrite hashes the sources while processing them; the up-to-date check hashes them
     # first. Both must record the same digests, or every run after an --overwrite would redo the work.
-    sources = read_manifest(redone.output_dir)["sources"]
+    sources = read_manifest(redone.output_dir).sources
     assert sources == {str(path): hashlib.sha256(path.read_bytes()).hexdigest()
                        for path in sorted((data / "images").iterdir()) + sorted((data / "masks").iterdir())}
     assert preload(config, log=lambda *_: None).up_to_date
@@ -79,19 +91,48 @@ def test_same_inputs_give_same_split_and_are_up_to_date(tmp_path):
     assert not preload(config, log=lambda *_: None).up_to_date
 
 
-def test_require_labels_keeps_only_complete_masks(tmp_path):
-    data = make_png_npy_set(tmp_path / "data", count=6)
-    mask = np.load(data / "masks" / "2.npy")
-    np.save(data / "masks" / "2.npy", np.where(mask == 2, 0, mask))
+def test_require_labels_filters_training_samples_only(tmp_path):
+    data = make_png_npy_set(tmp_path / "data", count=10)
+    for name in ("2", "7"):
+        mask = np.load(data / "masks" / f"{name}.npy")
+        np.save(data / "masks" / f"{name}.npy", np.where(mask == 2, 0, mask))
     result = preload(config_for(data, tmp_path, require_labels=[0, 1, 2]), log=lambda *_: None)
-    assert result.num_train + result.num_test == 5
+    manifest = read_manifest(result.output_dir)
+    # The split is made before any label is read; the filter drops incomplete training samples only.
+    assert len(manifest.train.cases) + len(manifest.test.cases) == 10
+    trained = {sample.case for sample in manifest.train.samples}
+    assert trained == {case.id for case in manifest.train.cases} - {"2", "7"}
+    assert all(sample.labels == [0, 1, 2] for sample in manifest.train.samples)
+
+
+def test_test_split_is_chosen_without_the_labels(tmp_path):
+    """Cases emptied of every label are tested like any other: the split depends on ids and seed only."""
+    data = make_png_npy_set(tmp_path / "data", count=10)
+    tested = ids_of_test_cases(preload(config_for(data, tmp_path / "a"), log=lambda *_: None).output_dir)
+    for path in (data / "masks").iterdir():
+        np.save(path, np.zeros((32, 32), np.int64))
+    config = config_for(data, tmp_path / "b", keep_empty_slices=False)
+    with pytest.raises(InputError, match="no training samples"):
+        preload(config, log=lambda *_: None)
+    emptied = preload(config_for(data, tmp_path / "c"), log=lambda *_: None)
+    assert ids_of_test_cases(emptied.output_dir) == tested
+    assert all(case.labels == [0] for case in read_manifest(emptied.output_dir).test.cases)
+
+
+def test_exclude_cases_leaves_cases_out_by_name(tmp_path):
+    data = make_png_npy_set(tmp_path / "data", count=8)
+    result = preload(config_for(data, tmp_path, exclude_cases=["3", "5"]), log=lambda *_: None)
+    manifest = read_manifest(result.output_dir)
+    assert {c.id for c in manifest.train.cases + manifest.test.cases} == {"0", "1", "2", "4", "6", "7"}
+    with pytest.raises(InputError, match="exclude_cases"):
+        preload(config_for(data, tmp_path / "x", exclude_cases=["nope"]), log=lambda *_: None)
 
 
 def test_label_map_merges_source_labels(tmp_path):
     data = make_png_npy_set(tmp_path / "data", count=6)
     result = preload(config_for(data, tmp_path, classes=("background", "thing"), label_map={2: 1}),
                      log=lambda *_: None)
-    assert set(np.unique(load_split(result.output_dir, "train").masks)) == {0, 1}
+    assert set(np.unique(load_training_samples(result.output_dir).masks)) == {0, 1}
 
 
 def test_unmatched_files_are_reported(tmp_path, capsys):
@@ -165,8 +206,8 @@ def test_skip_invalid_skips_and_lists_bad_pairs(tmp_path):
     data = make_png_npy_set(tmp_path / "data", count=6)
     _break_shapes(data)
     result = preload(config_for(data, tmp_path), skip_invalid=True, log=lambda *_: None)
-    assert result.num_train + result.num_test == 5
-    skipped = read_manifest(result.output_dir)["skipped"]
+    assert result.num_train_cases + result.num_test_cases == 5
+    skipped = read_manifest(result.output_dir).skipped
     assert [entry["case_id"] for entry in skipped] == ["3"] and "shape" in skipped[0]["error"]
 
 
@@ -174,33 +215,29 @@ def test_parallel_workers_give_the_same_dataset(tmp_path):
     data = make_png_npy_set(tmp_path / "data", count=8)
     one = preload(config_for(data, tmp_path / "one"), log=lambda *_: None)
     two = preload(config_for(data, tmp_path / "two", workers=2), log=lambda *_: None)
-    a, b = load_split(one.output_dir, "train"), load_split(two.output_dir, "train")
+    a, b = load_training_samples(one.output_dir), load_training_samples(two.output_dir)
     assert list(a.ids) == list(b.ids)
     np.testing.assert_array_equal(a.images, b.images)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_resized_test_split_is_also_kept_at_its_original_size(tmp_path, workers):
+def test_test_cases_keep_their_original_size_and_spacing(tmp_path, workers):
     from PIL import Image
 
     data = make_png_npy_set(tmp_path / "data", count=10)
     result = preload(config_for(data, tmp_path, workers=workers, pixel_spacing=[0.5, 0.25]), log=lambda *_: None)
-    test = load_split(result.output_dir, "test")
-    assert read_manifest(result.output_dir)["splits"]["test"]["native"] == NATIVE_TEST_DIR
-    native = open_native_test(result.output_dir)
-    # The test slices, and nothing else.
-    assert sorted(p.stem for p in (result.output_dir / NATIVE_TEST_DIR).iterdir()) == sorted(test.ids)
-    for slice_id, resized_spacing in zip(test.ids, test.spacing):
-        kept = native[slice_id]
-        np.testing.assert_array_equal(kept.mask, np.load(data / "masks" / f"{slice_id}.npy"))
-        np.testing.assert_array_equal(kept.intensity, np.asarray(Image.open(data / "images" / f"{slice_id}.png")))
-        assert kept.mask.dtype == np.uint8 and kept.intensity.dtype == np.int16
-        np.testing.assert_array_equal(kept.spacing, [0.5, 0.25])
-        np.testing.assert_array_equal(resized_spacing, [1.0, 0.5])  # 32 -> 16 pixels
+    manifest = read_manifest(result.output_dir)
+    # The test cases, and nothing else.
+    assert sorted(p.stem for p in layout.test_images_dir(result.output_dir).iterdir()) == sorted(ids_of_test_cases(result.output_dir))
+    for case in manifest.test.cases:
+        np.testing.assert_array_equal(np.load(layout.test_images_dir(result.output_dir) / f"{case.id}.npy"),
+                                      np.asarray(Image.open(data / "images" / f"{case.id}.png")))
+        assert case.spacing == [0.5, 0.25]
+    np.testing.assert_array_equal([s.spacing for s in manifest.train.samples], [[1.0, 0.5]] * 8)  # 32 -> 16 pixels
 
 
-def test_test_slices_of_one_volume_kept_at_their_original_size(tmp_path):
-    """One NIfTI volume: its slices are split among train and test; only the test slices are read again."""
+def test_one_volume_is_split_into_a_training_part_and_a_test_slab(tmp_path):
+    """One NIfTI volume: a contiguous slab of its slices is the test case, the other slices are trained on."""
     import nibabel as nib
 
     rng = np.random.default_rng(0)
@@ -209,43 +246,39 @@ def test_test_slices_of_one_volume_kept_at_their_original_size(tmp_path):
     volume = rng.normal(0, 100, (24, 20, 10)).astype(np.float32)
     labels = np.zeros(volume.shape, np.uint8)
     labels[4:14, 5:15, :] = 1
-    affine = np.diag([0.7, 0.8, 3.0, 1.0])
+    affine = np.array([[0.7, 0, 0, -10], [0, 0.8, 0, 5], [0, 0, 3.0, 20], [0, 0, 0, 1]])
     nib.save(nib.Nifti1Image(volume, affine), tmp_path / "data" / "images" / "ct.nii.gz")
     nib.save(nib.Nifti1Image(labels, affine), tmp_path / "data" / "masks" / "ct.nii.gz")
+    lines = []
     result = preload(config_for(tmp_path / "data", tmp_path, classes=("background", "a"),
-                                normalization={"method": "zscore"}), log=lambda *_: None)
-    test = load_split(result.output_dir, "test")
-    native = open_native_test(result.output_dir)
-    assert 0 < len(test) < 10
-    for slice_id, index in zip(test.ids, test.slice_index):
-        kept = native[slice_id]
-        np.testing.assert_array_equal(kept.mask, labels[..., index])
-        np.testing.assert_array_equal(kept.intensity, volume[..., index])
-        assert kept.intensity.dtype == np.float32
-        np.testing.assert_allclose(kept.spacing, [0.7, 0.8])
-    assert len(list((result.output_dir / NATIVE_TEST_DIR).iterdir())) == len(test)
+                                normalization={"method": "zscore"}), log=lines.append)
+    manifest = read_manifest(result.output_dir)
+    assert manifest.split == "slab" and any("slab" in line for line in lines)
+    (slab_case,) = manifest.test.cases
+    first, stop = slab_case.slab
+    assert stop - first == 2  # a fifth of 10 slices
+    assert {s.slice_index for s in manifest.train.samples} == set(range(10)) - set(range(first, stop))
+    stored = nib.load(layout.test_images_dir(result.output_dir) / f"{slab_case.id}.nii.gz")
+    np.testing.assert_array_equal(np.asarray(stored.dataobj), volume[..., first:stop])
+    # The slab's affine puts its first voxel where that slice lies in the whole volume.
+    np.testing.assert_allclose(stored.affine, affine @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, first],
+                                                                 [0, 0, 0, 1]]))
+    stored_labels = nib.load(layout.test_labels_dir(result.output_dir) / f"{slab_case.id}.nii.gz")
+    np.testing.assert_array_equal(np.asarray(stored_labels.dataobj), labels[..., first:stop])
 
 
-def test_a_failed_second_read_is_one_line_and_leaves_no_output(tmp_path, monkeypatch):
-    from segmenter import preloading
-
-    def unreadable(pair, slice_ids, config):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(preloading, "native_slices", unreadable)
-    data = make_png_npy_set(tmp_path / "data", count=10)
-    with pytest.raises(InputError) as error:
-        preload(config_for(data, tmp_path), log=lambda *_: None)
-    assert "No space left on device" in str(error.value) and "original size" in str(error.value)
-    assert len(str(error.value).splitlines()) == 1 and str(data / "images") in str(error.value)
-    assert list((tmp_path / "pre").iterdir()) == []  # no output, no temporary folder
-
-
-def test_no_original_size_copy_when_nothing_was_resized(tmp_path):
+def test_an_older_manifest_is_redone_with_a_notice(tmp_path):
     data = make_png_npy_set(tmp_path / "data", count=6)
-    result = preload(config_for(data, tmp_path, image_size=[32, 32]), log=lambda *_: None)
-    assert read_manifest(result.output_dir)["splits"]["test"]["native"] is None
-    assert open_native_test(result.output_dir) is None and not (result.output_dir / NATIVE_TEST_DIR).exists()
+    config = config_for(data, tmp_path)
+    result = preload(config, log=lambda *_: None)
+    path = layout.manifest_path(result.output_dir)
+    old = json.loads(path.read_text())
+    old["version"] = 4
+    path.write_text(json.dumps(old))
+    lines = []
+    assert not preload(config, log=lines.append).up_to_date
+    assert any("manifest version 4" in line and "preloading again" in line for line in lines)
+    assert read_manifest(result.output_dir).version == json.loads(path.read_text())["version"] != 4
 
 
 def test_spine_dataset_with_its_config(tmp_path):
@@ -253,9 +286,9 @@ def test_spine_dataset_with_its_config(tmp_path):
                          [f"paths.preloaded_root={tmp_path}", "preload.image_size=[64, 64]"])
     assert config.preload.input_dir == shared_dataset("spine_mri_sagittal").resolve()
     result = preload(config, log=lambda *_: None)
-    train, test = load_split(result.output_dir, "train"), load_split(result.output_dir, "test")
-    # 15 of the 20 slices have all three labels (see the dataset's README).
-    assert len(train) + len(test) == 15
-    for masks in (train.masks, test.masks):
-        assert all(set(np.unique(m)) == {0, 1, 2} for m in masks)
+    train, manifest = load_training_samples(result.output_dir), read_manifest(result.output_dir)
+    # The config leaves out the 5 slices whose annotation is missing or partial (see the dataset's README).
+    assert len(train) + len(manifest.test.cases) == 15 and len(manifest.test.cases) == 3
+    assert all(set(np.unique(m)) == {0, 1, 2} for m in train.masks)
+    assert all(case.labels == [0, 1, 2] for case in manifest.test.cases)
     assert train.images.max() <= 1.0

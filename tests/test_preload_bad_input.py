@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from segmenter.config import build_config
-from segmenter.preloading import preload
+from segmenter.preload import preload
 from tests.conftest import run_cli, write_config
 from tests.test_io import write_dicom_slice
 from tests.test_preload import make_png_npy_set
@@ -180,17 +180,17 @@ def test_skip_invalid_skips_the_bad_pairs_lists_them_and_succeeds(tmp_path):
 
     result = run_cli("preload", "--config", str(config_path), "--skip-invalid")
     assert result.returncode == 0, result.stderr
-    assert f"Skipped {len(SKIPPABLE)} invalid pairs" in result.stdout
+    assert f"Skipped {len(SKIPPABLE)} invalid cases" in result.stdout
     assert f"{len(SKIPPABLE)} skipped" in result.stdout.strip().splitlines()[-1]
     manifest = json.loads((tmp_path / "pre" / "t" / "manifest.json").read_text())
     assert [entry["case_id"] for entry in manifest["skipped"]] == sorted(expected)
     for entry in manifest["skipped"]:
         assert expected[entry["case_id"]] in entry["error"] and entry["case_id"] in entry["error"]
         assert entry["error"] in result.stdout
-    kept = manifest["splits"]["train"]["num_slices"] + manifest["splits"]["test"]["num_slices"]
+    kept = len(manifest["train"]["cases"]) + len(manifest["test"]["cases"])
     assert kept == 10
 
 
 def _tree_bytes(folder):
-    """Every file under ``folder`` (shards, manifest, test-native/...) by relative path, with its bytes."""
+    """Every file under ``folder`` (shards, manifest, test/...) by relative path, with its bytes."""
     return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}

@@ -3,10 +3,11 @@
 Cases (spine MRI is covered in test_preload.py):
 
 - ct_dicom_muscle: a DICOM CT series with a NIfTI label map placed through the affines; Hounsfield units,
-  pixel spacing and the erector spinae landing on muscle-density pixels.
-- hippocampus_2d: 3D NIfTI MRI volumes (a subset of 10) cut into slices that keep volume id and index.
+  pixel spacing and the erector spinae landing on muscle-density pixels; one series, so a test slab.
+- hippocampus_2d: 3D NIfTI MRI volumes (a subset of 10): training volumes cut into slices that keep their
+  case and index, test volumes kept whole with their affine.
 - ct_3mm_tissue: a NIfTI CT with its skeletal muscle mask, as explicit pairs.
-- the split of 3D inputs is grouped by volume and identical when redone with --overwrite.
+- the split of 3D inputs is by volume and identical when redone with --overwrite.
 """
 from __future__ import annotations
 
@@ -15,9 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import nibabel as nib
+
+from segmenter import layout
 from segmenter.config import build_config, load_config
-from segmenter.dataset import load_split, read_manifest
-from segmenter.preloading import preload
+from segmenter.dataset import load_training_samples
+from segmenter.manifest import read_manifest
+from segmenter.preload import preload
 from tests.conftest import REPO_ROOT, run_stage_module, shared_dataset
 
 # DICOM PixelSpacing of the CT series (its README); 512 pixels are resized to CT_SIZE.
@@ -32,8 +37,9 @@ def quiet(*_):
     pass
 
 
-def both_splits(output_dir: Path):
-    return load_split(output_dir, "train"), load_split(output_dir, "test")
+def stored_volume(output_dir: Path, case_id: str, kind: str = "images") -> np.ndarray:
+    folder = layout.test_images_dir(output_dir) if kind == "images" else layout.test_labels_dir(output_dir)
+    return np.asarray(nib.load(folder / f"{case_id}.nii.gz").dataobj)
 
 
 @pytest.fixture(scope="module")
@@ -61,49 +67,55 @@ def test_ct_dicom_series_with_nifti_labels(tmp_path):
                           "preload.workers=1"])
     lines = []
     result = preload(config, log=lines.append)
-    train, test = both_splits(result.output_dir)
-    assert len(train) + len(test) == 20  # the series' 20 slices, every one showing the erector spinae
-    # One series: each slice is its own group in the split, and the log says so.
-    assert any("each slice is its own group" in line for line in lines)
-    assert read_manifest(result.output_dir)["split_groups"] == "slice"
+    train, manifest = load_training_samples(result.output_dir), read_manifest(result.output_dir)
+    # One series: a test slab of a fifth of its 20 slices, the other 16 trained on, and the log says so.
+    assert manifest.split == "slab" and any("slab" in line for line in lines)
+    (slab,) = manifest.test.cases
+    assert len(train) == 16 and slab.shape == [512, 512, 4]
+    # The series' spacing: pixel spacing in-plane, the distance between slice positions across.
+    assert slab.spacing[:2] == pytest.approx([CT_PIXEL_SPACING_MM] * 2) and slab.spacing[2] > 0
 
-    hu = np.concatenate([train.hu_images, test.hu_images])
-    masks = np.concatenate([train.masks, test.masks])
+    hu = np.concatenate([train.hu_images.ravel(), stored_volume(result.output_dir, slab.id).ravel()])
     assert -1030 <= hu.min() <= -1000  # air
     assert hu.max() > 1000  # cortical bone
-    expected_spacing = CT_PIXEL_SPACING_MM * 512 / CT_SIZE
-    np.testing.assert_allclose(np.concatenate([train.spacing, test.spacing]), expected_spacing, rtol=1e-6)
+    np.testing.assert_allclose(train.spacing, CT_PIXEL_SPACING_MM * 512 / CT_SIZE, rtol=1e-6)
     # The label map went through the affines onto muscle: soft-tissue density inside the mask ...
+    masks = train.masks
     assert set(np.unique(masks)) == {0, 1}
-    assert -50 < hu[masks == 1].mean() < 150
+    assert -50 < train.hu_images[masks == 1].mean() < 150
+    slab_labels = stored_volume(result.output_dir, slab.id, "labels")
+    assert -50 < stored_volume(result.output_dir, slab.id)[slab_labels == 1].mean() < 150
     # ... and behind the spine: DICOM rows run from anterior to posterior, so the muscle lies low in the image.
     rows = np.nonzero(masks == 1)[1]
     assert rows.mean() > 0.6 * CT_SIZE
 
 
-def test_hippocampus_volumes_are_cut_into_slices_that_keep_their_volume(tmp_path, hippocampus_subset):
+def test_hippocampus_volumes_are_trained_as_slices_and_tested_whole(tmp_path, hippocampus_subset):
     config = load_config(REPO_ROOT / "configs" / "hippocampus_2d.py",
                          hippocampus_overrides(hippocampus_subset, tmp_path))
     result = preload(config, log=quiet)
-    train, test = both_splits(result.output_dir)
-    manifest = read_manifest(result.output_dir)
+    train, manifest = load_training_samples(result.output_dir), read_manifest(result.output_dir)
     volumes = {p.name[: -len(".nii.gz")] for p in (hippocampus_subset / "imagesTr").iterdir()}
 
-    for slices, split in ((train, "train"), (test, "test")):
-        assert set(slices.volume_ids) <= volumes
-        for slice_id, volume, index in zip(slices.ids, slices.volume_ids, slices.slice_index):
-            assert slice_id == f"{volume}_s{index:04d}"
-        # keep_empty_slices is False: every kept slice shows some hippocampus.
-        assert all(mask.any() for mask in slices.masks)
-        # 1 mm voxels: the spacing after resizing times the size ratio gives 1 mm back.
-        records = manifest["splits"][split]["slices"]
-        assert [r["id"] for r in records] == list(slices.ids)
-        original = np.array([r["original_shape"] for r in records], dtype=np.float64)
-        np.testing.assert_allclose(slices.spacing * HIPPOCAMPUS_SIZE / original, 1.0, rtol=1e-5)
-    assert not set(train.volume_ids) & set(test.volume_ids)
-    assert set(train.volume_ids) | set(test.volume_ids) == volumes
-    assert manifest["split_groups"] == "volume"
-    assert set(np.unique(np.concatenate([train.masks, test.masks]))) == {0, 1, 2}
+    assert set(train.case_ids) == {case.id for case in manifest.train.cases}
+    for sample_id, case, index in zip(train.ids, train.case_ids, train.slice_index):
+        assert sample_id == f"{case}_s{index:04d}"
+    # keep_empty_slices is False: every training slice shows some hippocampus.
+    assert all(mask.any() for mask in train.masks)
+    # 1 mm voxels: the spacing after resizing times the size ratio gives 1 mm back.
+    original = np.array([s.original_shape for s in manifest.train.samples], dtype=np.float64)
+    np.testing.assert_allclose(train.spacing * HIPPOCAMPUS_SIZE / original, 1.0, rtol=1e-5)
+    # The test volumes are whole, every slice, with the source's affine and labels.
+    tested = {case.id for case in manifest.test.cases}
+    assert not set(train.case_ids) & tested and set(train.case_ids) | tested == volumes
+    for case in manifest.test.cases:
+        source = nib.load(hippocampus_subset / "labelsTr" / f"{case.id}.nii.gz")
+        stored = nib.load(layout.test_labels_dir(result.output_dir) / f"{case.id}.nii.gz")
+        np.testing.assert_array_equal(np.asarray(stored.dataobj), np.asarray(source.dataobj).astype(np.uint8))
+        np.testing.assert_allclose(stored.affine, source.affine)
+        assert case.shape == list(source.shape) and case.spacing == [1.0, 1.0, 1.0]
+    assert manifest.split == "random"
+    assert set(np.unique(train.masks)) == {0, 1, 2}
 
 
 def test_nifti_ct_with_skeletal_muscle_mask(tmp_path):
@@ -118,12 +130,13 @@ def test_nifti_ct_with_skeletal_muscle_mask(tmp_path):
                     "image_size": [128, 96], "slice_axis": 2, "workers": 1},
     })
     result = preload(config, log=quiet)
-    train, test = both_splits(result.output_dir)
-    assert len(train) + len(test) == 30  # 122 x 101 x 30 voxels, cut along the last axis
-    hu = np.concatenate([train.hu_images, test.hu_images])
-    masks = np.concatenate([train.masks, test.masks])
-    assert set(np.unique(masks)) == {0, 1}
-    assert -30 < hu[masks == 1].mean() < 70  # about 18 HU (the dataset's README)
+    train, manifest = load_training_samples(result.output_dir), read_manifest(result.output_dir)
+    (slab,) = manifest.test.cases
+    assert len(train) + slab.shape[2] == 30  # 122 x 101 x 30 voxels, cut along the last axis
+    assert set(np.unique(train.masks)) <= {0, 1}
+    image, labels = stored_volume(result.output_dir, slab.id), stored_volume(result.output_dir, slab.id, "labels")
+    hu = np.concatenate([train.hu_images[train.masks == 1], image[labels == 1]])
+    assert -30 < hu.mean() < 70  # about 18 HU (the dataset's README)
     np.testing.assert_allclose(train.spacing[0], [3.0 * 122 / 128, 3.0 * 101 / 96], rtol=1e-5)
     assert 0.0 <= train.images.min() and train.images.max() <= 1.0
 
@@ -132,8 +145,7 @@ def test_split_of_volumes_is_grouped_and_identical_when_redone(tmp_path, hippoca
     overrides = hippocampus_overrides(hippocampus_subset, tmp_path)
     first = preload(load_config(REPO_ROOT / "configs" / "hippocampus_2d.py", overrides), log=quiet)
     before = read_manifest(first.output_dir)
-    train, test = both_splits(first.output_dir)
-    assert not set(train.volume_ids) & set(test.volume_ids)
+    train = load_training_samples(first.output_dir)
 
     # Redone through the command line with --overwrite, and with two worker processes that finish in any
     # order: the same split, the same arrays.
@@ -142,23 +154,21 @@ def test_split_of_volumes_is_grouped_and_identical_when_redone(tmp_path, hippoca
                               "--overwrite")
     assert result.returncode == 0, result.stderr
     after = read_manifest(first.output_dir)
-    assert after["fingerprint"] == before["fingerprint"]
-    for split in ("train", "test"):
-        assert after["splits"][split]["slices"] == before["splits"][split]["slices"]
-    train_again, test_again = both_splits(first.output_dir)
-    for old, new in ((train, train_again), (test, test_again)):
-        assert list(new.ids) == list(old.ids)
-        np.testing.assert_array_equal(new.images, old.images)
-        np.testing.assert_array_equal(new.masks, old.masks)
+    assert after.fingerprint == before.fingerprint
+    assert after.train == before.train and after.test == before.test
+    train_again = load_training_samples(first.output_dir)
+    assert list(train_again.ids) == list(train.ids)
+    np.testing.assert_array_equal(train_again.images, train.images)
+    np.testing.assert_array_equal(train_again.masks, train.masks)
 
 
-def test_small_shards_hold_the_same_slices_as_one_shard(tmp_path, hippocampus_subset):
+def test_small_shards_hold_the_same_samples_as_one_shard(tmp_path, hippocampus_subset):
     overrides = hippocampus_overrides(hippocampus_subset, tmp_path / "one")
     whole = preload(load_config(REPO_ROOT / "configs" / "hippocampus_2d.py", overrides), log=quiet)
     overrides = hippocampus_overrides(hippocampus_subset, tmp_path / "many") + ["preload.shard_size=50"]
     sharded = preload(load_config(REPO_ROOT / "configs" / "hippocampus_2d.py", overrides), log=quiet)
-    shards = read_manifest(sharded.output_dir)["splits"]["train"]["shards"]
+    shards = read_manifest(sharded.output_dir).train.shards
     assert len(shards) > 1 and shards[0] == "train-00000.npz"
-    one, many = load_split(whole.output_dir, "train"), load_split(sharded.output_dir, "train")
-    for field in ("images", "masks", "ids", "volume_ids", "slice_index", "spacing", "hu_images"):
+    one, many = load_training_samples(whole.output_dir), load_training_samples(sharded.output_dir)
+    for field in ("images", "masks", "ids", "case_ids", "slice_index", "spacing", "hu_images"):
         np.testing.assert_array_equal(getattr(many, field), getattr(one, field))

@@ -8,8 +8,9 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
-from segmenter.dataset import load_split
+from segmenter.manifest import read_manifest
 from tests.conftest import REPO_ROOT, run_cli, shared_dataset
 
 pytestmark = pytest.mark.slow
@@ -27,17 +28,17 @@ def test_spine_pipeline_through_the_command_line(tmp_path):
         result = run_cli(stage, "--config", config, *sets)
         assert result.returncode == 0, f"{stage}:\n{result.stdout}\n{result.stderr}"
 
-    test = load_split(tmp_path / "pre" / "spine_mri", "test")
-    assert len(test) == 3 and test.images.shape[1:] == (64, 64, 1)
+    test_ids = [case.id for case in read_manifest(tmp_path / "pre" / "spine_mri").test.cases]
+    assert len(test_ids) == 3
     evaluate = tmp_path / "exp" / "spine_mri" / "evaluate"
     metrics = pd.read_csv(evaluate / "metrics.csv")
     assert len(metrics) == 3 * 2 and set(metrics["class"]) == {"disc", "vertebra"}
     assert metrics.dice.between(0, 1).all()
     summary = json.loads((evaluate / "summary.json").read_text())
     assert set(summary["classes"]) == {"disc", "vertebra"} and summary["n_images"] == 3
-    assert summary["resolution"] == "original"  # scored on the 256 x 256 source masks, not the 64 x 64 copies
-    for slice_id in test.ids:
-        mask = np.load(tmp_path / "exp" / "spine_mri" / "predict" / "test" / f"{slice_id}.npy")
+    for slice_id in test_ids:  # scored on the 256 x 256 source masks, not 64 x 64 copies
+        # The prediction is in the source image's format: a PNG label map.
+        mask = np.asarray(Image.open(tmp_path / "exp" / "spine_mri" / "predict" / "test" / f"{slice_id}.png"))
         assert mask.shape == (256, 256) and set(np.unique(mask)) <= {0, 1, 2}
         true_disc = np.load(shared_dataset("spine_mri_sagittal") / "masks" / f"{slice_id}.npy") == 1
         row = metrics[(metrics.image_id.astype(str) == slice_id) & (metrics["class"] == "disc")].iloc[0]

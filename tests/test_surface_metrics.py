@@ -66,11 +66,20 @@ def brute_force_metrics(truth, pred, spacing, tolerance):
         "dice": 2 * intersection / (truth.sum() + pred.sum()),
         "iou": intersection / np.logical_or(truth, pred).sum(),
         "hd": pooled.max(),
-        "hd95": np.percentile(pooled, 95),
+        # MONAI's and DeepMind's definition: the larger of the two directed 95th percentiles.
+        "hd95": max(np.percentile(distances.min(axis=1), 95), np.percentile(distances.min(axis=0), 95)),
+        "hd95_pooled": np.percentile(pooled, 95),  # medpy's
         "assd": pooled.mean(),
         # The same tie rule as the implementation: a distance equal to the tolerance, up to rounding, is within.
         "nsd": np.mean(pooled <= tolerance * (1 + 1e-9)),
     }
+
+
+def assert_metrics_match(expected: dict, metrics: dict) -> None:
+    """Every oracle value equals segmenter's; the pooled HD95 is what ``hd95="pooled"`` gives."""
+    for name, value in expected.items():
+        if name != "hd95_pooled":
+            assert metrics[name] == pytest.approx(value, rel=1e-9, abs=1e-9), name
 
 
 # --- known answers ---------------------------------------------------------------------------------------
@@ -221,8 +230,7 @@ def test_random_2d_shapes_match_brute_force(seed, spacing):
     tolerance = float(rng.uniform(0.5, 4.0))
     expected = brute_force_metrics(truth, pred, spacing, tolerance)
     metrics = segmentation_metrics(truth, pred, spacing, tolerance)
-    for name, value in expected.items():
-        assert metrics[name] == pytest.approx(value, rel=1e-9, abs=1e-9), name
+    assert_metrics_match(expected, metrics)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -234,8 +242,7 @@ def test_random_3d_shapes_match_brute_force(seed):
     spacing = (3.0, 0.9, 0.75)
     expected = brute_force_metrics(truth, pred, spacing, 2.0)
     metrics = segmentation_metrics(truth, pred, spacing, 2.0)
-    for name, value in expected.items():
-        assert metrics[name] == pytest.approx(value, rel=1e-9, abs=1e-9), name
+    assert_metrics_match(expected, metrics)
 
 
 def test_small_shape_far_from_origin_matches_brute_force():
@@ -247,5 +254,34 @@ def test_small_shape_far_from_origin_matches_brute_force():
     pred[95:115, 97:117] = random_blob(rng, (20, 20), smoothing=2.0)
     expected = brute_force_metrics(truth, pred, (0.6, 0.9), 1.5)
     metrics = segmentation_metrics(truth, pred, (0.6, 0.9), 1.5)
-    for name, value in expected.items():
-        assert metrics[name] == pytest.approx(value, rel=1e-9, abs=1e-9), name
+    assert_metrics_match(expected, metrics)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_hd95_definitions_on_anisotropic_3d_pairs(seed):
+    """12 random anisotropic 3D pairs: the default HD95 is the larger directed 95th percentile (MONAI,
+    DeepMind's surface-distance), ``hd95="pooled"`` medpy's; the first is never the smaller."""
+    rng = np.random.default_rng(100 + seed)
+    truth = random_blob(rng, (20, 24, 16))
+    pred = random_blob(rng, (20, 24, 16), threshold=rng.uniform(0.5, 0.8))
+    spacing = tuple(rng.uniform(0.5, 3.0, size=3))
+    expected = brute_force_metrics(truth, pred, spacing, 2.0)
+    default = segmentation_metrics(truth, pred, spacing, 2.0)
+    pooled = segmentation_metrics(truth, pred, spacing, 2.0, hd95="pooled")
+    assert default["hd95"] == pytest.approx(expected["hd95"], rel=1e-9)
+    assert pooled["hd95"] == pytest.approx(expected["hd95_pooled"], rel=1e-9)
+    assert default["hd95"] >= pooled["hd95"] - 1e-9
+    assert {k: v for k, v in default.items() if k != "hd95"} == {k: v for k, v in pooled.items() if k != "hd95"}
+
+
+def test_hd95_of_an_asymmetric_error_takes_the_worse_direction():
+    """A square truth and the same square with a long spur: truth -> prediction distances are all 0, the spur's
+    are up to its length, so the directed 95th percentiles differ and the default takes the larger."""
+    truth = square_mask((64, 64), (10, 10), 20)
+    pred = truth.copy()
+    pred[28, 30:60] = True  # a one-pixel-wide spur of 30 pixels
+    default = segmentation_metrics(truth, pred, (1.0, 1.0), 1.0)
+    pooled = segmentation_metrics(truth, pred, (1.0, 1.0), 1.0, hd95="pooled")
+    assert default["hd95"] > pooled["hd95"]
+    with pytest.raises(ValueError, match="hd95"):
+        segmentation_metrics(truth, pred, (1.0, 1.0), 1.0, hd95="medpy")

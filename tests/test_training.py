@@ -9,7 +9,7 @@ import pytest
 
 from segmenter.artifacts import write_json_atomic
 from segmenter.config import TrainConfig, build_config
-from segmenter.preloading import preload
+from segmenter.preload import preload
 from segmenter.training import apply_hyperparameters, resolve_train_settings, train_final_model
 from tests.conftest import tiny_ct_config
 

@@ -7,6 +7,7 @@ without the test split on disk, so any read of it would fail the search.
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import re
 import socket
@@ -21,7 +22,8 @@ import pytest
 
 from segmenter import tuning
 from segmenter.config import ConfigError, build_config
-from segmenter.dataset import load_split, read_manifest
+from segmenter.dataset import load_training_samples
+from segmenter.manifest import read_manifest
 from tests.conftest import REPO_ROOT, tiny_ct_config, write_config
 
 OBJECTIVE = "val_mean_foreground_dice"
@@ -44,12 +46,12 @@ SEARCH_SPACE_ERRORS = [
 @pytest.fixture(scope="module")
 def preloaded(tiny_ct_dataset, tmp_path_factory):
     """The tiny CT set preloaded once (32 x 32 slices), without its test split."""
-    from segmenter.preloading import preload
+    from segmenter.preload import preload
 
     work = tmp_path_factory.mktemp("tune_preloaded")
     config = build_config(tiny_ct_config(tiny_ct_dataset, work))
     preload(config, log=lambda *args: None)
-    (config.preloaded_dir / "test.npz").unlink()
+    shutil.rmtree(config.preloaded_dir / "test")
     return config.paths.preloaded_root
 
 
@@ -136,14 +138,14 @@ def test_an_unbuildable_combination_fails_its_trial_only(tiny_ct_dataset, preloa
 @pytest.mark.parametrize("folds", [2, 3])
 def test_folds_partition_the_training_split_by_volume(tiny_ct_dataset, preloaded, tmp_path, folds):
     config = build_config(search_config(tiny_ct_dataset, preloaded, tmp_path, folds=folds))
-    slices = read_manifest(config.preloaded_dir)["splits"]["train"]["slices"]
+    slices = read_manifest(config.preloaded_dir).train.samples
     parts = tuning.search_folds(config)
     assert len(parts) == folds
     validations = np.concatenate([validation for _, validation in parts])
     assert sorted(validations) == list(range(len(slices)))  # Every slice validates exactly once.
     for train, validation in parts:
         assert sorted(np.concatenate([train, validation])) == list(range(len(slices)))
-        assert not {slices[i]["volume_id"] for i in train} & {slices[i]["volume_id"] for i in validation}
+        assert not {slices[i].case for i in train} & {slices[i].case for i in validation}
     assert tuning.search_folds(config)[0][1].tolist() == parts[0][1].tolist()  # Same seed, same folds.
 
 
@@ -154,7 +156,7 @@ def test_more_folds_than_volumes_is_a_config_error(tiny_ct_dataset, preloaded, t
 
 
 def test_ct_window_dataset_windows_the_raw_intensities(preloaded):
-    train = load_split(preloaded / "tiny_ct", "train")
+    train = load_training_samples(preloaded / "tiny_ct")
     window = (-100.0, 150.0)
     batches = list(tuning.windowed_dataset(train, window, 2, batch_size=4))
     images = np.concatenate([image for image, _ in batches])[..., 0]
@@ -173,7 +175,7 @@ def test_ct_window_dataset_windows_the_raw_intensities(preloaded):
 # Searches (tiny models, one epoch)
 # ----------------------------------------------------------------------------------------------------
 def test_cross_validated_search_reports_the_mean_of_its_folds(tiny_ct_dataset, preloaded, tmp_path):
-    assert not (preloaded / "tiny_ct" / "test.npz").exists()  # The search below cannot read the test split.
+    # The search below cannot read the test cases: they are not in the training shards.
     config = build_config(search_config(tiny_ct_dataset, preloaded, tmp_path, max_trials=1, folds=2))
     result = tuning.run_search(config)
 
@@ -184,7 +186,7 @@ def test_cross_validated_search_reports_the_mean_of_its_folds(tiny_ct_dataset, p
     assert trials[OBJECTIVE][0] == pytest.approx(folds.mean())
     assert result.best_score == pytest.approx(folds.mean()) and "2-fold" in str(result)
     split = json.loads((out / "validation_split.json").read_text())
-    train_ids = {s["id"] for s in read_manifest(preloaded / "tiny_ct")["splits"]["train"]["slices"]}
+    train_ids = {s.id for s in read_manifest(preloaded / "tiny_ct").train.samples}
     assert len(split["folds"]) == 2
     assert set(split["folds"][0]["validation"]) | set(split["folds"][1]["validation"]) == train_ids
     assert json.loads((out / "best_hyperparameters.json").read_text())["folds"] == 2

@@ -13,11 +13,17 @@ from __future__ import annotations
 
 import ast
 import copy
+import difflib
+import json
 import runpy
+import sys
+import types
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Sequence, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+
+from segmenter.layout import unsafe_name_problem
 
 
 class ConfigError(ValueError):
@@ -38,18 +44,42 @@ class NormalizationConfig(_Section):
     window: tuple[float, float] = (-200.0, 300.0)
     percentiles: tuple[float, float] = (0.5, 99.5)
 
+    @field_validator("window")
+    @classmethod
+    def _window_is_a_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not (abs(low) < float("inf") and abs(high) < float("inf") and low < high):
+            raise ValueError(f"[{low:g}, {high:g}] is no window: give [low, high] with low < high, e.g. [-200, 300]")
+        return value
+
+    @field_validator("percentiles")
+    @classmethod
+    def _percentiles_are_a_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0.0 <= low < high <= 100.0:
+            raise ValueError(f"[{low:g}, {high:g}]: give [low, high] with 0 <= low < high <= 100, e.g. [0.5, 99.5]")
+        return value
+
 
 class PreloadConfig(_Section):
     input_dir: Path = Path("original_dataset/demo_l3_ct")
     images_subdir: str = "images"
     masks_subdir: str = "masks"
+    # Channel names; with more than one, each channel is a file named <case>_0000, <case>_0001, ... (nnU-Net).
+    channels: list[str] = Field(default_factory=lambda: ["image"], min_length=1)
+    # A fixed test set instead of the random split: case ids, and/or a folder laid out like input_dir.
+    test_cases: list[str] = Field(default_factory=list)
+    # Cases left out of the dataset altogether, e.g. images whose annotation is missing (not negative cases).
+    exclude_cases: list[str] = Field(default_factory=list)
+    test_dir: Optional[Path] = None
     pairs: list[tuple[str, str]] = Field(default_factory=list)
     group_pattern: Optional[str] = None
     label_map: dict[int, int] = Field(default_factory=dict)
     unmapped_labels: Literal["error", "background"] = "error"
     require_labels: list[int] = Field(default_factory=list)
     keep_empty_slices: bool = True
-    normalization: NormalizationConfig = Field(default_factory=NormalizationConfig)
+    # One setting for every channel, or a list with one per channel.
+    normalization: Union[NormalizationConfig, list[NormalizationConfig]] = Field(default_factory=NormalizationConfig)
     image_size: tuple[PositiveInt, PositiveInt] = (256, 256)
     pixel_spacing: Optional[tuple[float, float]] = None
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
@@ -57,6 +87,19 @@ class PreloadConfig(_Section):
     workers: int = Field(2, ge=1)
     shard_size: int = Field(1024, ge=1)
     skip_invalid: bool = False
+
+    def channel_normalizations(self) -> list[NormalizationConfig]:
+        """The normalisation of each channel, in channel order."""
+        if isinstance(self.normalization, NormalizationConfig):
+            return [self.normalization] * len(self.channels)
+        return list(self.normalization)
+
+    @model_validator(mode="after")
+    def _one_normalization_per_channel(self) -> "PreloadConfig":
+        if isinstance(self.normalization, list) and len(self.normalization) != len(self.channels):
+            raise ValueError(f"normalization lists {len(self.normalization)} settings for "
+                             f"{len(self.channels)} channels {self.channels}; give one per channel, or one for all")
+        return self
 
 
 class ModelConfig(_Section):
@@ -112,6 +155,9 @@ class PredictConfig(_Section):
 
 class EvaluateConfig(_Section):
     nsd_tolerance: float = Field(2.0, ge=0.0)
+    # "max_directed": the larger of the two directed 95th percentiles (MONAI, DeepMind, nnU-Net users);
+    # "pooled": the 95th percentile of both directions pooled (medpy).
+    hd95: Literal["max_directed", "pooled"] = "max_directed"
     display_window: Optional[tuple[float, float]] = None
     bootstrap_samples: int = Field(1000, ge=0)
 
@@ -132,9 +178,39 @@ class Config(_Section):
     @field_validator("experiment")
     @classmethod
     def _experiment_is_a_folder_name(cls, value: str) -> str:
-        if not value or "/" in value or value in {".", ".."}:
+        if unsafe_name_problem(value) is not None:
             raise ValueError(f"experiment must be a plain folder name, got {value!r}")
         return value
+
+    @field_validator("classes")
+    @classmethod
+    def _class_names_are_unique(cls, value: list[str]) -> list[str]:
+        if any(not name.strip() for name in value):
+            raise ValueError(f"class names cannot be empty, got {value}")
+        for name in value:  # names become parts of file names and metric names
+            problem = unsafe_name_problem(name)
+            if problem is not None:
+                raise ValueError(f"class name {name!r} {problem}; class names must not be paths")
+        repeated = sorted({name for name in value if value.count(name) > 1})
+        if repeated:
+            raise ValueError(f"class names must be unique; {', '.join(map(repr, repeated))} "
+                             f"appear{'s' if len(repeated) == 1 else ''} more than once in {value}")
+        return value
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_fits_numpy(cls, value: int) -> int:
+        if not 0 <= value <= 2**32 - 1:
+            raise ValueError(f"{value} is outside 0..4294967295 (2**32 - 1), the seeds NumPy and TensorFlow take")
+        return value
+
+    @model_validator(mode="after")
+    def _display_window_is_a_range(self) -> "Config":
+        window = self.evaluate.display_window
+        if window is not None and not window[0] < window[1]:
+            raise ValueError(f"evaluate.display_window [{window[0]:g}, {window[1]:g}] is no window: "
+                             f"give [low, high] with low < high, e.g. [-200, 200], or None")
+        return self
 
     @model_validator(mode="after")
     def _labels_within_classes(self) -> "Config":
@@ -176,56 +252,236 @@ class Config(_Section):
 
 
 # Paths inside the config, as dotted keys, that resolve against the config file's folder.
-PATH_KEYS = ("paths.preloaded_root", "paths.experiments_root", "preload.input_dir", "train.model.encoder_weights")
+PATH_KEYS = ("paths.preloaded_root", "paths.experiments_root", "preload.input_dir", "preload.test_dir",
+             "train.model.encoder_weights")
 # Values of path keys that are not paths.
 NOT_PATHS = (None, "imagenet")
 
 
+def _model_in(annotation: Any) -> Optional[type]:
+    """The pydantic model an annotation holds (directly, or as a member of a Union/Optional), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) in (Union, types.UnionType):
+        for member in get_args(annotation):
+            model = _model_in(member)
+            if model is not None:
+                return model
+    return None
+
+
+def _field_annotation(key: Sequence[str]) -> Any:
+    """The annotation of the setting at a dotted key (as parts), or None when there is no such setting."""
+    model: Optional[type] = Config
+    annotation = None
+    for part in key:
+        fields = getattr(model, "model_fields", None) if model is not None else None
+        if not fields or part not in fields:
+            return None
+        annotation = fields[part].annotation
+        model = _model_in(annotation)
+    return annotation
+
+
+def _accepts_text(annotation: Any) -> bool:
+    """Whether a setting takes a string (or a path): str, Path, Optional of either, a Union with either."""
+    if annotation in (str, Path):
+        return True
+    if get_origin(annotation) in (Union, types.UnionType):
+        return any(_accepts_text(member) for member in get_args(annotation))
+    return False
+
+
 def parse_override(text: str) -> tuple[str, Any]:
-    """Split ``a.b=value`` into the dotted key and a Python value (literal if it parses, else string)."""
+    """Split ``a.b=value`` into the dotted key and a Python value (literal if it parses, else string).
+
+    Where the setting takes a string or a path, a value that parses as a number is kept as its text:
+    ``--set experiment=2024`` names the experiment "2024".
+    """
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected key=value, e.g. train.epochs=5")
     key, raw = text.split("=", 1)
     key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: expected a dotted key before '=', e.g. train.epochs=5")
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
         value = raw
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if is_number and _accepts_text(_field_annotation(key.split("."))):
+        value = raw.strip()
     return key, value
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     node = tree
-    for part in parts[:-1]:
+    for depth, part in enumerate(parts[:-1]):
+        section = ".".join(parts[:depth + 1])
+        annotation = _field_annotation(parts[:depth + 1])
+        if annotation is not None and _model_in(annotation) is None and get_origin(annotation) is not dict:
+            raise ConfigError(f"--set {key}: {section} is a setting, not a section")
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
+            raise ConfigError(f"--set {key}: {section} is a value, not a section")
         node = child
     node[parts[-1]] = value
 
 
-def _format_validation_error(error: ValidationError, source: str) -> str:
-    first = error.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or "(top level)"
-    message = first["msg"]
-    if first["type"] == "extra_forbidden":
-        message = "unknown setting (misspelt key?)"
-    return f"{source}: {where}: {message}"
+def _union_tag_at(loc: Sequence[Any]) -> Optional[int]:
+    """Where pydantic names the member of a Union it tried (``NormalizationConfig``, ``list[...]``) in a location."""
+    for index in range(1, len(loc)):
+        annotation = _field_annotation([str(part) for part in loc[:index]])
+        if get_origin(annotation) in (Union, types.UnionType):
+            members = [member for member in get_args(annotation) if member is not type(None)]
+            fields = getattr(_model_in(annotation), "model_fields", {})
+            if len(members) > 1 and isinstance(loc[index], str) and loc[index] not in fields:
+                return index
+    return None
+
+
+def _clean_errors(errors: list[dict]) -> list[dict]:
+    """pydantic's errors without the Union noise: for ``normalization`` (one setting, or a list of them), an
+    error of the member the value was not meant for ("Input should be a valid list" for a dict) is dropped."""
+    by_place: dict[tuple, list[dict]] = {}
+    cleaned = []
+    for error in errors:
+        loc = tuple(error["loc"])
+        tag_at = _union_tag_at(loc)
+        if tag_at is None:
+            cleaned.append(error)
+            continue
+        wrong_member = len(loc) == tag_at + 1 and error["type"] in (
+            "list_type", "model_type", "model_attributes_type", "dict_type", "tuple_type")
+        untagged = {**error, "loc": loc[:tag_at] + loc[tag_at + 1:], "wrong_member": wrong_member}
+        by_place.setdefault(loc[:tag_at], []).append(untagged)
+    for group in by_place.values():
+        meant = [error for error in group if not error["wrong_member"]]
+        if meant:
+            cleaned += meant
+        else:  # neither member fits: say so once
+            cleaned.append({**group[0], "msg": "expected one setting (a dict) or a list of them, one per channel"})
+    return cleaned
+
+
+def _validation_problems(error: ValidationError, source: str, override_keys: Sequence[str] = ()) -> list[str]:
+    """One text per problem, each naming where it comes from: the config file or the ``--set`` that caused it."""
+    problems = []
+    for item in _clean_errors(error.errors()):
+        loc = [str(part) for part in item["loc"]]
+        where = ".".join(loc)
+        message = str(item["msg"])
+        if message.startswith("Value error, "):
+            message = message[len("Value error, "):]
+        if item["type"] == "extra_forbidden":
+            section = [part for part in loc[:-1] if not part.isdigit()]  # list items: their section's fields
+            fields = getattr(_model_in(_field_annotation(section)) if section else Config, "model_fields", {})
+            close = difflib.get_close_matches(loc[-1], list(fields), n=1)
+            hint = f" (did you mean {'.'.join(loc[:-1] + close[:1])}?)" if close else ""
+            problem = f"unknown setting {where}{hint}"
+        else:
+            problem = f"{where}: {message}" if where else message
+        blamed = None
+        for key in reversed(list(override_keys)):  # the last --set of a key is the one that counts
+            if where and (where == key or where.startswith(key + ".")):
+                blamed = key
+            elif (not where or key.startswith(where + ".")) and (key in message or key.split(".")[-1] in message):
+                blamed = key
+            if blamed:
+                break
+        if blamed is None:
+            problems.append(f"{source}: {problem}")
+        elif where == blamed and item["type"] != "extra_forbidden":
+            problems.append(f"--set {blamed}: {message}")
+        else:
+            problems.append(f"--set {blamed}: {problem}")
+    return problems
+
+
+def _one_line(problems: Sequence[str]) -> str:
+    if len(problems) == 1:
+        return problems[0]
+    return f"{len(problems)} problems: " + "; ".join(problems)
+
+
+def _format_validation_error(error: ValidationError, source: str, override_keys: Sequence[str] = ()) -> str:
+    """Every problem pydantic found, on one line, each naming its source (file or ``--set``) and key."""
+    return _one_line(_validation_problems(error, source, override_keys))
+
+
+def _one_line_text(text: Any) -> str:
+    return " ".join(str(text).split())
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    """Execute a config file and return a deep copy of its ``CONFIG`` dict."""
+    """The raw settings of a config file, as a new dict.
+
+    ``.py``: the file is executed and its ``CONFIG`` dict taken. ``.json``, ``.yaml``/``.yml``: the file holds
+    the same nested mapping (an experiment file; a run's ``config.resolved.json`` is one).
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
+    suffix = path.suffix.lower()
+    if suffix == ".py":
+        try:
+            namespace = runpy.run_path(str(path))
+        except Exception as error:  # A broken user file: report where, not a traceback.
+            raise ConfigError(f"{path}: cannot be executed: {type(error).__name__}: {error}") from error
+        if "CONFIG" not in namespace or not isinstance(namespace["CONFIG"], dict):
+            raise ConfigError(f"{path}: defines no CONFIG dict")
+        return copy.deepcopy(namespace["CONFIG"])
     try:
-        namespace = runpy.run_path(str(path))
-    except Exception as error:  # A broken user file: report where, not a traceback.
-        raise ConfigError(f"{path}: cannot be executed: {type(error).__name__}: {error}") from error
-    if "CONFIG" not in namespace or not isinstance(namespace["CONFIG"], dict):
-        raise ConfigError(f"{path}: defines no CONFIG dict")
-    return copy.deepcopy(namespace["CONFIG"])
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot be read: {error}") from None
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path}: not valid JSON: {error.msg} at line {error.lineno} "
+                              f"column {error.colno}") from None
+    elif suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(error, "problem", None) or error
+            raise ConfigError(f"{path}: not valid YAML: {_one_line_text(problem)}{where}") from None
+        if data is None:  # an empty file: every setting at its default
+            data = {}
+    else:
+        raise ConfigError(f"{path}: a config file is .py (defining CONFIG), .json, .yaml or .yml, "
+                          f"not {suffix or 'without suffix'}")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must hold one mapping of settings (sections preload, train, ...), "
+                          f"not a {type(data).__name__}")
+    return data
+
+
+def _apply_dataset_description(raw: dict[str, Any], base_dir: Path) -> None:
+    """Take the experiment, classes, channels and subfolders of an nnU-Net/Decathlon input folder's
+    ``dataset.json`` as defaults, for the keys the config leaves out (see segmenter.preload.discovery)."""
+    from segmenter.preload.discovery import dataset_description  # it imports this module
+
+    preload = raw.get("preload") if isinstance(raw.get("preload"), dict) else {}
+    if "input_dir" not in preload:
+        return
+    folder = Path(preload["input_dir"]).expanduser()
+    try:
+        description = dataset_description(folder if folder.is_absolute() else base_dir / folder)
+    except ValueError as error:  # InputError: a dataset.json that cannot be used, named with its problem
+        raise ConfigError(str(error)) from None
+    if description is None:
+        return
+    for key in ("experiment", "classes"):
+        raw.setdefault(key, description[key])
+    for key in ("channels", "images_subdir", "masks_subdir"):
+        preload.setdefault(key, description[key])
 
 
 def build_config(
@@ -236,19 +492,31 @@ def build_config(
 ) -> Config:
     """Apply ``--set`` overrides to a raw config dict, resolve its paths and validate it."""
     raw = copy.deepcopy(raw)
+    # A run's config.resolved.json names the file it came from; the source is set anew below.
+    raw.pop("source_file", None)
     base_dir = Path(source_file).resolve().parent if source_file else Path.cwd()
     cwd = Path(cwd) if cwd else Path.cwd()
     overridden_paths = set()
+    override_keys = []
+    problems = []  # every problem at once, not only the first
     for text in overrides or []:
-        key, value = parse_override(text)
-        _set_dotted(raw, key, value)
+        try:
+            key, value = parse_override(text)
+            _set_dotted(raw, key, value)
+        except ConfigError as error:
+            problems.append(str(error))
+            continue
+        override_keys.append(key)
         if key in PATH_KEYS:
             overridden_paths.add(key)
+    _apply_dataset_description(raw, base_dir if "preload.input_dir" not in overridden_paths else cwd)
     source = str(source_file) if source_file else "config"
     try:
         config = Config.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(_format_validation_error(error, source)) from None
+        problems += _validation_problems(error, source, override_keys)
+    if problems:
+        raise ConfigError(_one_line(problems))
     for key in PATH_KEYS:
         *section_names, field_name = key.split(".")
         section = config
@@ -280,7 +548,29 @@ def default_config_path(start: Optional[Path] = None) -> Path:
     raise ConfigError("no --config given and neither config.py nor config_template.py found in the current directory")
 
 
+def run_folder_config(folder: Path) -> Path:
+    """The config of a run folder (``experiments/<name>`` or one of its stage folders): its config.resolved.json."""
+    from segmenter.layout import RESOLVED_CONFIG
+
+    path = Path(folder) / RESOLVED_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"{folder}: a folder as --config means its {RESOLVED_CONFIG}, which it does not hold "
+                          f"(a stage writes it into experiments/<name>/ when it finishes); give the config file")
+    return path
+
+
 def load_config(path: Optional[Path] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Read, override, resolve and validate a config file (``config.py`` or the template by default)."""
-    path = Path(path) if path else default_config_path()
+    """Read, override, resolve and validate a config.
+
+    ``path`` is a config file (.py, .json, .yaml/.yml) or a run folder, meaning its ``config.resolved.json``.
+    Without one, ``config.py`` in the current folder is used (and said so on stderr), else the template.
+    """
+    if path is None:
+        path = default_config_path()
+        if path.name == "config.py":
+            shown = "./config.py" if path.parent.resolve() == Path.cwd().resolve() else str(path)
+            print(f"Using {shown} (no --config given)", file=sys.stderr)
+    path = Path(path)
+    if path.is_dir():
+        path = run_folder_config(path)
     return build_config(read_config_file(path), source_file=path, overrides=overrides)

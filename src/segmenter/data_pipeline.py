@@ -1,4 +1,4 @@
-"""tf.data input pipelines over preloaded slices: one-hot masks, joint augmentation, batching, prefetch.
+"""tf.data input pipelines over the preloaded training samples: one-hot masks, joint augmentation, batching, prefetch.
 
 ``model.fit`` is always given a ``tf.data.Dataset``: fed NumPy arrays directly, Keras ran at half speed
 on 2 CPU cores with one core idle. A split of one shard is held in memory as a tensor; a split of many
@@ -13,7 +13,8 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-from segmenter.dataset import SliceSet, load_shard, read_manifest, shard_paths
+from segmenter.dataset import SliceSet, load_shard, shard_paths
+from segmenter.manifest import read_manifest
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -56,8 +57,8 @@ def make_augmenter(augmentation, seed: int):
     return augment
 
 
-def _slices_dataset(preloaded_dir: Path, split: str, subset: Optional[np.ndarray]) -> tuple[tf.data.Dataset, int]:
-    paths = shard_paths(preloaded_dir, split)
+def _samples_dataset(preloaded_dir: Path, subset: Optional[np.ndarray]) -> tuple[tf.data.Dataset, int]:
+    paths = shard_paths(preloaded_dir)
     if len(paths) == 1 or subset is not None:
         slices = SliceSet.concatenate([load_shard(path) for path in paths])
         if subset is not None:
@@ -75,13 +76,12 @@ def _slices_dataset(preloaded_dir: Path, split: str, subset: Optional[np.ndarray
             for image, mask in zip(shard.images, shard.masks):
                 yield image, mask.astype(np.int32)
 
-    count = read_manifest(preloaded_dir)["splits"][split]["num_slices"]
+    count = read_manifest(preloaded_dir).train.num_samples
     return tf.data.Dataset.from_generator(generate, output_signature=(image_spec, mask_spec)), count
 
 
 def make_dataset(
     preloaded_dir: Path,
-    split: str,
     num_classes: int,
     batch_size: int,
     *,
@@ -90,11 +90,11 @@ def make_dataset(
     seed: int = 0,
     subset: Optional[np.ndarray] = None,
 ) -> tuple[tf.data.Dataset, int]:
-    """A batched dataset of (image, one-hot mask) pairs and the number of slices in it.
+    """A batched dataset of (image, one-hot mask) training samples and the number of samples in it.
 
-    ``subset`` selects slices of the split by index (the tune stage's validation split).
+    ``subset`` selects samples by index (the tune stage's validation split).
     """
-    dataset, count = _slices_dataset(Path(preloaded_dir), split, subset)
+    dataset, count = _samples_dataset(Path(preloaded_dir), subset)
     return batch_for_training(dataset, count, num_classes, batch_size, augmentation=augmentation, shuffle=shuffle,
                               seed=seed), count
 

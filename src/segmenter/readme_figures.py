@@ -14,17 +14,18 @@ not installed.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from segmenter import layout
+from segmenter.artifacts import atomic_file
 from segmenter.errors import InputError
 from segmenter.evaluation import browser
 
 DEMO_EVALUATE_DIR = Path("experiments/demo_l3_ct/evaluate")
-COMPARISON_FIGURE = Path("figures/compare_muscle_median.png")
+COMPARISON_FIGURE = Path(layout.FIGURES) / "compare_muscle_median.png"
 WINDOW_SIZE = (1200, 1600)
 
 
@@ -46,7 +47,7 @@ def make_readme_figures(evaluate_dir: Path = DEMO_EVALUATE_DIR, out_dir: Path = 
         If Chromium is missing or fails.
     """
     evaluate_dir, out_dir = Path(evaluate_dir), Path(out_dir)
-    figure, report = evaluate_dir / COMPARISON_FIGURE, evaluate_dir / "report.html"
+    figure, report = evaluate_dir / COMPARISON_FIGURE, evaluate_dir / layout.REPORT
     for required in (figure, report):
         if not required.is_file():
             raise InputError(required, "missing; run `make demo` first")
@@ -56,9 +57,8 @@ def make_readme_figures(evaluate_dir: Path = DEMO_EVALUATE_DIR, out_dir: Path = 
                                  f"{check.broken_images}, empty tables: {check.empty_tables})")
     out_dir.mkdir(parents=True, exist_ok=True)
     comparison = out_dir / "comparison.png"
-    tmp = comparison.with_name(f".{comparison.name}.{os.getpid()}.tmp")
-    shutil.copyfile(figure, tmp)
-    os.replace(tmp, comparison)
+    with atomic_file(comparison) as tmp:
+        shutil.copyfile(figure, tmp)
     screenshot = browser.screenshot(report, out_dir / "report.png", window_size=window_size)
     return [comparison, screenshot]
 

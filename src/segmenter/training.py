@@ -9,12 +9,12 @@
     tensorboard/              TensorBoard logs
     training_curves.png       loss and Dice per epoch
     hyperparameters.json      the settings the model was trained with, and where they came from
+    preprocessing.json        what inference needs to prepare new images as the training slices were
     config.resolved.json
 """
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import time
 from pathlib import Path
@@ -22,11 +22,11 @@ from typing import Any, Optional
 
 import keras
 
-from segmenter import losses, metrics, models
-from segmenter.artifacts import read_json, save_resolved_config, write_json_atomic, write_text_atomic
+from segmenter import layout, locks, losses, metrics, models
+from segmenter.artifacts import atomic_file, read_json, save_resolved_config, write_json_atomic, write_text_atomic
 from segmenter.config import AugmentationConfig, Config, ConfigError, ModelConfig, TrainConfig
 from segmenter.data_pipeline import make_dataset
-from segmenter.dataset import read_manifest
+from segmenter.manifest import check_classes, read_manifest
 
 OBJECTIVE = "mean_foreground_dice"
 
@@ -53,7 +53,7 @@ def apply_hyperparameters(train: TrainConfig, values: dict[str, Any]) -> TrainCo
 
 
 def best_hyperparameters_path(config: Config) -> Path:
-    return config.stage_dir("tune") / "best_hyperparameters.json"
+    return config.stage_dir("tune") / layout.BEST_HYPERPARAMETERS
 
 
 def resolve_train_settings(config: Config) -> tuple[TrainConfig, str]:
@@ -130,9 +130,9 @@ class AtomicCheckpoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.folder.mkdir(parents=True, exist_ok=True)
-        save_model_atomic(self.model, self.folder / "last.keras")
+        save_model_atomic(self.model, self.folder / layout.LAST_CHECKPOINT)
         write_json_atomic({"epoch": epoch + 1, "elapsed_s": self.time_budget.elapsed_s(), "metrics": logs or {}},
-                          self.folder / "state.json")
+                          self.folder / layout.CHECKPOINT_STATE)
 
 
 class EncoderUnfreeze(keras.callbacks.Callback):
@@ -164,9 +164,8 @@ def _drop_history_after(history_csv: Path, epoch: int) -> None:
 
 
 def save_model_atomic(model: keras.Model, path: Path) -> Path:
-    tmp = Path(path).with_name(f".{Path(path).stem}.{os.getpid()}.tmp.keras")
-    model.save(tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:  # ".<stem>.<pid>.tmp.keras": Keras insists on the suffix
+        model.save(tmp)
     return Path(path)
 
 
@@ -181,41 +180,58 @@ class TrainResult:
     images_per_second: float
     final_metrics: dict
     settings_source: str
+    #: Epochs done before this call (a --resume continues from a checkpoint), and the configured number.
+    first_epoch: int = 0
+    planned_epochs: Optional[int] = None
 
     def __str__(self) -> str:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in self.final_metrics.items() if isinstance(v, float))
-        return (f"Trained {self.epochs} epochs in {self.seconds:.0f} s ({self.images_per_second:.2f} images/s), "
+        done = self.epochs - self.first_epoch  # the epochs this call trained; self.epochs counts all
+        planned = self.planned_epochs if self.planned_epochs is not None else self.epochs
+        plural = "" if done == 1 else "s"
+        if self.first_epoch == 0:
+            what = f"Trained {done} epoch{plural}" + (f" of {planned}" if done < planned else "")
+        elif done == 0:
+            what = f"Trained no more epochs (all {self.epochs} of {planned} were done already)"
+        else:
+            numbers = f"epoch {self.epochs}" if done == 1 else f"epochs {self.first_epoch + 1}-{self.epochs}"
+            what = f"Trained {done} more epoch{plural} ({numbers} of {planned})"
+        return (f"{what} in {self.seconds:.0f} s ({self.images_per_second:.2f} images/s), "
                 f"settings from {self.settings_source}; {shown}\n{self.model_path}")
 
 
+@locks.locked("train")
 def train_final_model(config: Config, resume: bool = False) -> TrainResult:
     """Train on the whole training split; see the module docstring for what is written."""
     manifest = read_manifest(config.preloaded_dir)
+    check_classes(config.classes, manifest.classes, f"the preloaded dataset {config.preloaded_dir}")
     train_settings, source = resolve_train_settings(config)
     out_dir = config.stage_dir("train")
-    checkpoint_dir = out_dir / "checkpoints"
-    state_path = checkpoint_dir / "state.json"
+    checkpoint_dir = out_dir / layout.CHECKPOINTS
+    last_checkpoint = checkpoint_dir / layout.LAST_CHECKPOINT
+    state_path = checkpoint_dir / layout.CHECKPOINT_STATE
+    history_csv = layout.history_path(out_dir)
     keras.utils.set_random_seed(config.seed)
 
-    dataset, num_slices = make_dataset(config.preloaded_dir, "train", config.num_classes, train_settings.batch_size,
+    dataset, num_slices = make_dataset(config.preloaded_dir, config.num_classes, train_settings.batch_size,
                                        augmentation=train_settings.augmentation, shuffle=True, seed=config.seed)
-    input_shape = (*manifest["image_size"], manifest["channels"])
+    input_shape = (*manifest.sample_size, len(manifest.channels))
 
     initial_epoch, spent_s = 0, 0.0
-    if resume and (checkpoint_dir / "last.keras").is_file() and state_path.is_file():
+    if resume and last_checkpoint.is_file() and state_path.is_file():
         state = read_json(state_path)
         initial_epoch, spent_s = int(state["epoch"]), float(state["elapsed_s"])
         configure_precision(train_settings)
-        model = keras.models.load_model(checkpoint_dir / "last.keras")
-        _drop_history_after(out_dir / "history.csv", initial_epoch)
-        print(f"Resuming from epoch {initial_epoch} ({checkpoint_dir / 'last.keras'})")
+        model = keras.models.load_model(last_checkpoint)
+        _drop_history_after(history_csv, initial_epoch)
+        print(f"Resuming from epoch {initial_epoch} ({last_checkpoint})")
     else:
         if resume:
             print(f"No checkpoint in {checkpoint_dir}; starting from scratch")
         if out_dir.exists():
-            for stale in [checkpoint_dir / "last.keras", state_path, out_dir / "history.csv"]:
+            for stale in [last_checkpoint, state_path, history_csv]:
                 stale.unlink(missing_ok=True)
-            shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
+            shutil.rmtree(out_dir / layout.TENSORBOARD, ignore_errors=True)
         try:
             model = build_compiled_model(train_settings, input_shape, config.classes)
         except ValueError as error:  # e.g. a missing encoder weights file: the user's setting, named.
@@ -229,8 +245,8 @@ def train_final_model(config: Config, resume: bool = False) -> TrainResult:
     time_budget = TimeBudget(train_settings.time_budget_minutes, already_spent_s=spent_s)
     callbacks = [
         time_budget,
-        keras.callbacks.CSVLogger(str(out_dir / "history.csv"), append=initial_epoch > 0),
-        keras.callbacks.TensorBoard(log_dir=str(out_dir / "tensorboard"), write_graph=False),
+        keras.callbacks.CSVLogger(str(history_csv), append=initial_epoch > 0),
+        keras.callbacks.TensorBoard(log_dir=str(out_dir / layout.TENSORBOARD), write_graph=False),
         AtomicCheckpoint(checkpoint_dir, time_budget),
     ]
     if train_settings.model.freeze_encoder_epochs > initial_epoch:
@@ -246,15 +262,16 @@ def train_final_model(config: Config, resume: bool = False) -> TrainResult:
     save_resolved_config(config, config.experiment_dir)
     save_resolved_config(config, out_dir)
     write_json_atomic({"source": source, "settings": train_settings.model_dump(mode="json")},
-                      out_dir / "hyperparameters.json")
+                      out_dir / layout.HYPERPARAMETERS)
     # What inference needs to prepare new images exactly as the training slices were prepared.
-    write_json_atomic({**manifest["preprocessing"], "classes": config.classes, "channels": manifest["channels"],
-                       "preload_fingerprint": manifest.get("fingerprint")}, out_dir / "preprocessing.json")
-    model_path = save_model_atomic(model, out_dir / "model.keras")
+    write_json_atomic({**manifest.preprocessing, "classes": config.classes, "channels": manifest.channels,
+                       "preload_fingerprint": manifest.fingerprint}, layout.preprocessing_path(out_dir))
+    model_path = save_model_atomic(model, layout.model_path(out_dir))
 
     from segmenter.evaluation.figures import training_curves_figure
 
-    training_curves_figure(out_dir / "history.csv", out_dir / "training_curves.png")
+    training_curves_figure(history_csv, out_dir / layout.TRAINING_CURVES)
     final = {name: float(values[-1]) for name, values in history.history.items() if values}
     return TrainResult(model_path, initial_epoch + epochs_done, seconds,
-                       num_slices * epochs_done / max(seconds, 1e-9), final, source)
+                       num_slices * epochs_done / max(seconds, 1e-9), final, source,
+                       first_epoch=initial_epoch, planned_epochs=train_settings.epochs)

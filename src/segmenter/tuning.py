@@ -34,10 +34,12 @@ import tensorflow as tf
 from keras_tuner.src.engine import tuner_utils
 from pydantic import ValidationError
 
+from segmenter import layout, locks
 from segmenter.artifacts import save_resolved_config, write_json_atomic, write_text_atomic
 from segmenter.config import AugmentationConfig, Config, ConfigError, ModelConfig, TrainConfig
 from segmenter.data_pipeline import AUTOTUNE, batch_for_training, make_dataset
-from segmenter.dataset import SliceSet, load_split, read_manifest
+from segmenter.dataset import SliceSet, load_training_samples
+from segmenter.manifest import check_classes, read_manifest
 from segmenter.preprocessing import split_train_test
 from segmenter.preprocessing.split import grouped_folds
 from segmenter.training import OBJECTIVE, TimeBudget, apply_hyperparameters, build_compiled_model
@@ -159,12 +161,12 @@ def validate_search_space(config: Config) -> dict[str, Any]:
 def _check_window_inputs(config: Config) -> None:
     """A CT window needs single-channel shards that keep the raw intensities (``hu_images``)."""
     manifest = read_manifest(config.preloaded_dir)
-    first_shard = config.preloaded_dir / manifest["splits"]["train"]["shards"][0]
+    first_shard = config.preloaded_dir / manifest.train.shards[0]
     with np.load(first_shard) as shard:  # Reads the archive's table of contents, not the arrays.
         has_raw = "hu_images" in shard.files
-    if manifest["channels"] != 1 or not has_raw:
+    if len(manifest.channels) != 1 or not has_raw:
         raise ConfigError(f"tune.search_space.{WINDOW}: needs single-channel images whose raw intensities the "
-                          f"shards keep (hu_images); {first_shard} has {manifest['channels']} channel(s)"
+                          f"shards keep (hu_images); {first_shard} has {len(manifest.channels)} channel(s)"
                           + ("" if has_raw else " and no hu_images (run preload again)"))
 
 
@@ -190,13 +192,16 @@ def declare(hp: kt.HyperParameters, name: str, spec: Any):
 # Validation splits of the training slices
 # ----------------------------------------------------------------------------------------------------
 def _training_slices(config: Config) -> tuple[list[str], list[str], list[bool]]:
-    """Ids, split groups and foreground flags of the training slices, grouped as preload grouped them."""
+    """Ids, groups and foreground flags of the training samples: grouped by their cases' groups (patients).
+
+    The samples of a single volume (a "slab" split, see segmenter.preload.split) are each their own group.
+    """
     manifest = read_manifest(config.preloaded_dir)
-    slices = manifest["splits"]["train"]["slices"]
-    ids = [s["id"] for s in slices]
-    # A single volume was split by slice in preload (see preloading); the search's folds follow suit.
-    groups = ids if manifest.get("split_groups") == "slice" else [s["volume_id"] for s in slices]
-    return ids, groups, [s["labels"] != [0] for s in slices]
+    samples = manifest.train.samples
+    ids = [sample.id for sample in samples]
+    case_groups = {case.id: case.group for case in manifest.train.cases}
+    groups = ids if manifest.split == "slab" else [case_groups[sample.case] for sample in samples]
+    return ids, groups, [sample.labels != [0] for sample in samples]
 
 
 def validation_indices(config: Config) -> tuple[np.ndarray, np.ndarray]:
@@ -268,11 +273,11 @@ class SegmentationHyperModel(kt.HyperModel):
         augmentation = settings.augmentation if training else None
         if WINDOW in self.space:
             if self._train_slices is None:
-                self._train_slices = load_split(config.preloaded_dir, "train")
+                self._train_slices = load_training_samples(config.preloaded_dir)
             return windowed_dataset(self._train_slices.subset(indices), parse_window(hp.get(WINDOW)),
                                     config.num_classes, settings.batch_size, augmentation=augmentation,
                                     shuffle=training, seed=config.seed)
-        dataset, _ = make_dataset(config.preloaded_dir, "train", config.num_classes, settings.batch_size,
+        dataset, _ = make_dataset(config.preloaded_dir, config.num_classes, settings.batch_size,
                                   augmentation=augmentation, shuffle=training, seed=config.seed, subset=indices)
         return dataset
 
@@ -360,7 +365,7 @@ def make_tuner(config: Config, hypermodel: SegmentationHyperModel, directory: Pa
     tune = config.tune
     # keras-tuner cannot infer whether a custom metric should go up or down: say so explicitly.
     objective = kt.Objective(f"val_{OBJECTIVE}", direction="max")
-    common = dict(objective=objective, directory=str(directory), project_name="keras_tuner", overwrite=overwrite,
+    common = dict(objective=objective, directory=str(directory), project_name=layout.KERAS_TUNER, overwrite=overwrite,
                   seed=config.seed, executions_per_trial=tune.executions_per_trial)
     tuner_class = TUNERS[tune.tuner]
     if tuner_class is HyperbandSearch:
@@ -488,7 +493,7 @@ class TuneResult:
         if WINDOW in self.best_values:
             text += (f"The train stage does not apply {WINDOW}: set preload.normalization.window = "
                      f"[{self.best_values[WINDOW]}] (method ct_window) and run preload again.\n")
-        return text + str(self.output_dir / "best_hyperparameters.json")
+        return text + str(self.output_dir / layout.BEST_HYPERPARAMETERS)
 
 
 @dataclasses.dataclass
@@ -505,6 +510,7 @@ class WorkerResult:
 # ----------------------------------------------------------------------------------------------------
 # The stage
 # ----------------------------------------------------------------------------------------------------
+@locks.locked("tune")
 def run_search(config: Config, overwrite: bool = False) -> Union[TuneResult, WorkerResult]:
     """Run (or resume) the search and write the tune stage's artifacts.
 
@@ -515,6 +521,7 @@ def run_search(config: Config, overwrite: bool = False) -> Union[TuneResult, Wor
     role = distributed_role()
     validate_search_space(config)
     manifest = read_manifest(config.preloaded_dir)
+    check_classes(config.classes, manifest.classes, f"the preloaded dataset {config.preloaded_dir}")
     out_dir = config.stage_dir("tune")
     if overwrite and role == "worker":
         print("--overwrite is ignored on a worker: the chief starts the search afresh")
@@ -527,21 +534,21 @@ def run_search(config: Config, overwrite: bool = False) -> Union[TuneResult, Wor
     if role != "worker":
         save_resolved_config(config, config.experiment_dir)
         save_resolved_config(config, out_dir)
-        slices = manifest["splits"]["train"]["slices"]
-        parts = [{"train": [slices[i]["id"] for i in train], "validation": [slices[i]["id"] for i in validation]}
+        samples = manifest.train.samples
+        parts = [{"train": [samples[i].id for i in train], "validation": [samples[i].id for i in validation]}
                  for train, validation in folds]
-        write_json_atomic(parts[0] if len(parts) == 1 else {"folds": parts}, out_dir / "validation_split.json")
-    input_shape = (*manifest["image_size"], manifest["channels"])
+        write_json_atomic(parts[0] if len(parts) == 1 else {"folds": parts}, out_dir / layout.VALIDATION_SPLIT)
+    input_shape = (*manifest.sample_size, len(manifest.channels))
     hypermodel = SegmentationHyperModel(config, input_shape, folds)
     tuner = make_tuner(config, hypermodel, out_dir, overwrite=False)
     if role != "worker" and tuner.oracle.trials:
         finished = sum(t.status != kt.engine.trial.TrialStatus.RUNNING for t in tuner.oracle.trials.values())
-        print(f"Resuming the search in {out_dir / 'keras_tuner'}: {finished} trials finished earlier")
+        print(f"Resuming the search in {out_dir / layout.KERAS_TUNER}: {finished} trials finished earlier")
     if role == "chief":
         print(f"Serving the search's oracle on {os.environ['KERASTUNER_ORACLE_IP']}:"
               f"{os.environ['KERASTUNER_ORACLE_PORT']} until the workers have run its trials")
 
-    callbacks = [keras.callbacks.TensorBoard(log_dir=str(out_dir / "tensorboard"), write_graph=False),
+    callbacks = [keras.callbacks.TensorBoard(log_dir=str(out_dir / layout.TENSORBOARD), write_graph=False),
                  TimeBudget(config.tune.time_budget_minutes)]
     trial_ids = []
     original_on_trial_begin = tuner.on_trial_begin
@@ -557,7 +564,7 @@ def run_search(config: Config, overwrite: bool = False) -> Union[TuneResult, Wor
         return WorkerResult(out_dir, tuner.tuner_id, trial_ids)
 
     table = trials_table(tuner.oracle)
-    write_text_atomic(table.to_csv(index=False), out_dir / "trials.csv")
+    write_text_atomic(table.to_csv(index=False), out_dir / layout.TRIALS)
     best_trials = tuner.oracle.get_best_trials(1)
     if not best_trials or best_trials[0].score is None:
         raise ConfigError(f"tune.time_budget_minutes: the search finished no trial with a score in {out_dir}; "
@@ -566,6 +573,6 @@ def run_search(config: Config, overwrite: bool = False) -> Union[TuneResult, Wor
     values = {k: v for k, v in best.hyperparameters.values.items() if not k.startswith("tuner/")}
     write_json_atomic({"objective": f"val_{OBJECTIVE}", "direction": "max", "score": best.score,
                        "folds": config.tune.folds, "trial_id": best.trial_id, "values": values},
-                      out_dir / "best_hyperparameters.json")
-    objective_figure(table, list(search_space(config)), out_dir / "objective_vs_hyperparameters.png")
+                      out_dir / layout.BEST_HYPERPARAMETERS)
+    objective_figure(table, list(search_space(config)), out_dir / layout.TUNING_FIGURE)
     return TuneResult(out_dir, len(table), float(best.score), values, config.tune.folds)

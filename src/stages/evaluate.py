@@ -64,7 +64,7 @@ def _tolerance(text: str) -> float:
 
 
 def main(argv=None, prog=None) -> int:
-    parser = cli.stage_parser(__doc__, prog)
+    parser = cli.stage_parser(__doc__, prog, stage="evaluate")
     folders = parser.add_argument_group("two folders of masks (no --config)")
     folders.add_argument("--truth", type=Path, metavar="DIR", help="folder of true masks")
     folders.add_argument("--pred", type=Path, metavar="DIR", help="folder of predicted masks, same file names")

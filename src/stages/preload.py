@@ -6,13 +6,13 @@ from segmenter import cli
 
 
 def main(argv=None, prog=None) -> int:
-    parser = cli.stage_parser(__doc__, prog)
+    parser = cli.stage_parser(__doc__, prog, stage="preload")
     parser.add_argument("--overwrite", action="store_true", help="redo the work even if the output is up to date")
     parser.add_argument("--skip-invalid", action="store_true",
                         help="skip bad image/mask pairs (listed in the manifest) instead of stopping")
     args = parser.parse_args(argv)
     config = cli.load_config_or_exit(args)
-    from segmenter import preloading
+    from segmenter import preload as preloading
 
     return cli.run_stage(lambda: preloading.preload(config, overwrite=args.overwrite,
                                                     skip_invalid=args.skip_invalid or None))

@@ -8,12 +8,14 @@ from segmenter import cli
 
 
 def main(argv=None, prog=None) -> int:
-    parser = cli.stage_parser(__doc__, prog)
+    parser = cli.stage_parser(__doc__, prog, stage="tune")
     parser.add_argument("--overwrite", action="store_true", help="discard an earlier search and start afresh")
     args = parser.parse_args(argv)
     config = cli.load_config_or_exit(args)
     cli.quiet_tensorflow()
     from segmenter import tuning
+
+    cli.announce_device()
 
     return cli.run_stage(lambda: tuning.run_search(config, overwrite=args.overwrite))
 

@@ -23,6 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
+from segmenter.artifacts import atomic_file
+
 #: Program names tried in order when no path is given and SEGMENTER_CHROMIUM is not set.
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 CHROMIUM_FLAGS = (
@@ -177,17 +179,12 @@ def screenshot(html_path: Path, png_path: Path, *, window_size: tuple[int, int] 
         If Chromium is missing or fails, or writes no PNG.
     """
     html_path, png_path = Path(html_path).resolve(), Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png_path.with_name(f".{png_path.stem}.{os.getpid()}.tmp.png")
     width, height = window_size
-    try:
+    with atomic_file(png_path) as tmp:
         # No --virtual-time-budget here: with it, Chromium 156 leaves the bottom of the window unpainted.
         # Chromium takes the screenshot after the load event, when the report's data-URI figures are in.
         run_chromium(html_path.as_uri(), [f"--screenshot={tmp.resolve()}", f"--window-size={width},{height}"],
                      executable=executable, timeout=timeout)
         if not tmp.is_file() or not tmp.read_bytes().startswith(b"\x89PNG\r\n\x1a\n"):
             raise BrowserError(f"{html_path}: Chromium wrote no screenshot")
-        os.replace(tmp, png_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return png_path

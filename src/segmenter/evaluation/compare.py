@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from segmenter import layout
 from segmenter.artifacts import atomic_directory, read_json, write_json_atomic, write_text_atomic
 from segmenter.errors import InputError
 from segmenter.evaluation import figures
@@ -72,7 +73,7 @@ class Comparison:
             median = "n/a" if math.isnan(row["median_difference"]) else f"{row['median_difference']:+.3f}"
             lines.append(f"  {row['class']}: {row['second']} − {row['first']}: median {self.metric} difference "
                          f"{median} (n={row['n']}), Wilcoxon p = {p_value}")
-        lines.append(str(self.output_dir / "report.html"))
+        lines.append(str(self.output_dir / layout.REPORT))
         return "\n".join(lines)
 
 
@@ -85,15 +86,15 @@ def load_run(folder: Path, name: Optional[str] = None) -> Run:
         If a file is missing or ``metrics.csv`` lacks the image_id, class or dice column.
     """
     folder = Path(folder)
-    for required in ("metrics.csv", "summary.json"):
+    for required in (layout.METRICS, layout.SUMMARY):
         if not (folder / required).is_file():
             raise InputError(folder, f"no {required}: not an evaluation output (expected an experiment's "
                                      "evaluate/ folder or the --out folder of segmenter evaluate --truth/--pred)")
-    table = pd.read_csv(folder / "metrics.csv", dtype={"image_id": str, "class": str})
+    table = pd.read_csv(folder / layout.METRICS, dtype={"image_id": str, "class": str})
     missing = [column for column in ("image_id", "class", "dice") if column not in table.columns]
     if missing:
-        raise InputError(folder / "metrics.csv", f"missing column(s) {', '.join(missing)}")
-    return Run(name or run_names([folder])[0], folder, table, read_json(folder / "summary.json"))
+        raise InputError(folder / layout.METRICS, f"missing column(s) {', '.join(missing)}")
+    return Run(name or run_names([folder])[0], folder, table, read_json(folder / layout.SUMMARY))
 
 
 def run_names(folders: Sequence[Path]) -> list[str]:
@@ -144,7 +145,7 @@ def paired_values(runs: Sequence[Run], class_name: str, metric: str = "dice") ->
         rows = run.table[run.table["class"] == class_name]
         if rows["image_id"].duplicated().any():
             duplicate = rows.loc[rows["image_id"].duplicated(), "image_id"].iloc[0]
-            raise InputError(run.folder / "metrics.csv", f"image {duplicate!r} appears twice for class {class_name!r}")
+            raise InputError(run.folder / layout.METRICS, f"image {duplicate!r} appears twice for class {class_name!r}")
         columns.append(rows.set_index("image_id")[metric].astype(float).rename(run.name))
     return pd.concat(columns, axis=1, join="outer")
 
@@ -233,19 +234,19 @@ def compare_runs(folders: Sequence[Path], out_dir: Path, *, metric: str = "dice"
         "notes": notes,
     }
     with atomic_directory(out_dir) as tmp_dir:
-        write_text_atomic(means.to_csv(index=False), tmp_dir / "comparison.csv")
-        write_text_atomic(tests.to_csv(index=False), tmp_dir / "paired_tests.csv")
-        write_json_atomic(document, tmp_dir / "comparison.json")
+        write_text_atomic(means.to_csv(index=False), tmp_dir / layout.COMPARISON_MEANS)
+        write_text_atomic(tests.to_csv(index=False), tmp_dir / layout.PAIRED_TESTS)
+        write_json_atomic(document, tmp_dir / layout.COMPARISON)
         paired_figures = []
         for class_name in dict.fromkeys(tests["class"]):
             values = paired_values(runs, class_name, metric).dropna(how="all")
             path = figures.paired_metric_figure(
-                values, metric, tmp_dir / "figures" / f"paired_{metric}_{_file_safe(class_name)}.png",
+                values, metric, tmp_dir / layout.FIGURES / f"paired_{metric}_{_file_safe(class_name)}.png",
                 title=f"{class_name}: per-image {label}")
             paired_figures.append((path, f"{class_name}: per-image {label} in each run; a line joins the same "
                                          "image, the diamonds mark each run's median"))
         write_comparison_report(
-            tmp_dir / "report.html", title="Comparison: " + " vs ".join(run.name for run in runs),
+            tmp_dir / layout.REPORT, title="Comparison: " + " vs ".join(run.name for run in runs),
             runs={run.name: f"{run.folder.resolve()} ({run.summary.get('n_images')} images, distances in "
                             f"{units[run.name]})" for run in runs},
             means=_display_means(means, runs, units), tests=_display_tests(tests),

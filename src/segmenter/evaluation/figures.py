@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
@@ -26,6 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
+from segmenter.artifacts import atomic_file
 from segmenter.evaluation.surface import segmentation_metrics
 from segmenter.evaluation.tables import known_spacing
 
@@ -40,7 +40,7 @@ _OVERLAY_LEGEND = [
     Patch(color=MISSED_COLOUR, label="missed (false negative)"),
     Patch(color=EXTRA_COLOUR, label="extra (false positive)"),
 ]
-QUANTITIES = {"area": "area", "mean_intensity": "mean intensity"}
+QUANTITIES = {"area": "area", "volume": "volume", "mean_intensity": "mean intensity"}
 MAX_GRID_CASES = 48
 
 
@@ -55,6 +55,7 @@ def comparison_figure(
     display_window: Optional[tuple[float, float]] = None,
     *,
     spacing: Optional[Sequence[float]] = None,
+    scores: Optional[dict] = None,
 ) -> Path:
     """Four panels for one slice and class: image, true mask, predicted mask, agreement overlay.
 
@@ -76,6 +77,9 @@ def comparison_figure(
         percentile of the image.
     spacing : (float, float) or None
         Pixel spacing in mm, for HD95 in mm; None (or NaN) gives pixels.
+    scores : dict or None
+        The case's ``dice``, ``hd95`` and ``case`` as scored (a volume's, when a plane of it is drawn), shown
+        in the title; None: those of the drawn slice.
 
     Returns
     -------
@@ -90,7 +94,7 @@ def comparison_figure(
     spacing = known_spacing(spacing)
     unit = "px" if spacing is None else "mm"
     # The tolerance does not matter here: only Dice and HD95 are shown.
-    metrics = segmentation_metrics(truth, pred, spacing, nsd_tolerance=1.0)
+    metrics = scores if scores is not None else segmentation_metrics(truth, pred, spacing, nsd_tolerance=1.0)
     low, high = _window(image, display_window) if has_image else (0.0, 1.0)
     # Pixels drawn with their physical shape (row mm / column mm), so anisotropic slices are not distorted.
     aspect = 1.0 if spacing is None else spacing[0] / spacing[1]
@@ -250,7 +254,7 @@ def distribution_figure(table: pd.DataFrame, metric: str, path: Path, *, unit: O
 
 
 def bland_altman_figure(table: pd.DataFrame, quantity: str, path: Path, *, unit: Optional[str] = None) -> Path:
-    """Bland-Altman plot of predicted vs true ``quantity`` ("area" or "mean_intensity"), one panel per class.
+    """Bland-Altman plot of predicted vs true ``quantity`` ("area", "volume" or "mean_intensity"), a panel per class.
 
     x: mean of predicted and true; y: predicted minus true; lines at the mean difference (bias) and at
     bias +- 1.96 SD (limits of agreement). Images where either value is undefined are left out and
@@ -282,7 +286,7 @@ def bland_altman_figure(table: pd.DataFrame, quantity: str, path: Path, *, unit:
 
 
 def correlation_figure(table: pd.DataFrame, quantity: str, path: Path, *, unit: Optional[str] = None) -> Path:
-    """Predicted against true ``quantity`` ("area" or "mean_intensity"), one panel per class.
+    """Predicted against true ``quantity`` ("area", "volume" or "mean_intensity"), one panel per class.
 
     Each panel has the identity line and Pearson's r; undefined values are left out and counted.
     """
@@ -351,8 +355,8 @@ def metric_and_clinical_sections(table: pd.DataFrame, folder: Path, unit: str,
                                  intensity_unit: Optional[str] = None) -> dict[str, list]:
     """The report's "Metric distributions" and "Clinical measures" figures, as (path, caption) lists.
 
-    Area plots are always drawn; mean-intensity plots only when the table has intensities (an image
-    was known for the masks), in ``intensity_unit`` (e.g. "HU"; None: "image units").
+    Size plots (area in 2D, volume in 3D) are always drawn; mean-intensity plots only when the table has
+    intensities (an image was known for the masks), in ``intensity_unit`` (e.g. "HU"; None: "image units").
     """
     sections = {"Metric distributions": [
         (distribution_figure(table, metric, folder / f"distribution_{metric}.png",
@@ -360,7 +364,7 @@ def metric_and_clinical_sections(table: pd.DataFrame, folder: Path, unit: str,
         for metric in DISTRIBUTION_METRICS]}
     clinical = []
     for quantity in QUANTITIES:
-        if table[f"{quantity}_true"].notna().any():
+        if f"{quantity}_true" in table and table[f"{quantity}_true"].notna().any():
             words = QUANTITIES[quantity]
             quantity_unit = intensity_unit if quantity == "mean_intensity" else None
             clinical.append((bland_altman_figure(table, quantity, folder / f"bland_altman_{quantity}.png",
@@ -374,19 +378,13 @@ def metric_and_clinical_sections(table: pd.DataFrame, folder: Path, unit: str,
 
 
 def _save(figure: Figure, path: Path) -> Path:
-    """Render to PNG in memory, then move into place so a reader never sees half a file.
-
-    segmenter.artifacts writes text and JSON only, so the same temporary-sibling-and-rename pattern is
-    repeated here for bytes.
-    """
+    """Render to PNG in memory, then write it atomically, so a reader never sees half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
     return path
 
 
@@ -418,7 +416,7 @@ def _quantity_columns(table: pd.DataFrame, quantity: str, unit: Optional[str]) -
     if quantity not in QUANTITIES:
         raise ValueError(f"quantity must be one of {sorted(QUANTITIES)}, got {quantity!r}")
     if unit is None:
-        if quantity == "area":
+        if quantity in ("area", "volume"):
             stored = table.attrs.get("area_unit", "pixels")
             unit = {"cm2": "cm²", "cm3": "cm³"}.get(stored, stored)
         else:

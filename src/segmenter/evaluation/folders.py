@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 from nibabel import orientations
 
+from segmenter import layout
 from segmenter.artifacts import atomic_directory, check_replaceable_folder, write_json_atomic, write_text_atomic
 from segmenter.errors import InputError
 from segmenter.evaluation import figures
@@ -33,7 +34,21 @@ from segmenter.io import LoadedImage, list_cases, read_image, read_mask
 from segmenter.io.grid import map_labels_to_grid
 
 #: Files whose presence marks a folder as an earlier evaluation output, safe to replace.
-OUTPUT_MARKERS = ("report.html", "metrics.csv", "summary.json", "comparison.json")
+OUTPUT_MARKERS = (layout.REPORT, layout.METRICS, layout.SUMMARY, layout.COMPARISON)
+
+
+@dataclasses.dataclass
+class ReportContext:
+    """What an experiment's evaluation adds to the report of its two folders (see evaluation.pipeline)."""
+
+    title: str
+    #: The settings written as config.resolved.json and shown in the report.
+    config: dict
+    #: Rows added to the report's data table.
+    data: dict
+    #: Draws the figure sections that come first (training curves, search), given the figures folder.
+    sections_before: Callable[[Path], dict]
+    tuning_table: Optional[pd.DataFrame] = None
 
 
 @dataclasses.dataclass
@@ -57,9 +72,10 @@ class FolderEvaluation:
     notes: list[str]
 
     def __str__(self) -> str:
-        lines = [f"Evaluated {self.summary['n_images']} mask pairs ({self.output_dir}):", *summary_lines(self.summary)]
+        what = "volumes" if self.summary.get("area_unit") == "cm3" else "cases"
+        lines = [f"Evaluated {self.summary['n_images']} {what} ({self.output_dir}):", *summary_lines(self.summary)]
         lines.extend(f"Note: {note}" for note in self.notes)
-        lines.append(str(self.output_dir / "report.html"))
+        lines.append(str(self.output_dir / layout.REPORT))
         return "\n".join(lines)
 
 
@@ -83,6 +99,9 @@ def pair_mask_files(truth_dir: Path, pred_dir: Path, images_dir: Optional[Path] 
     images = {}
     if images_dir is not None:
         image_cases = list_cases(Path(images_dir), "image")
+        # Cases of several channels are named <case>_0000, <case>_0001, ... (nnU-Net): the first is shown.
+        image_cases.update({case: image_cases[f"{case}_0000"] for case in matched
+                            if case not in image_cases and f"{case}_0000" in image_cases})
         without = [case for case in matched if case not in image_cases]
         if without:
             raise InputError(matched[without[0]][0], f"no image of this name in {images_dir} (--images); "
@@ -106,8 +125,11 @@ def evaluate_folders(
     images_dir: Optional[Path] = None,
     display_window: Optional[Sequence[float]] = None,
     nsd_tolerance: float = 2.0,
+    hd95: str = "max_directed",
     bootstrap_samples: int = 1000,
     seed: int = 42,
+    intensity_unit: Optional[str] = None,
+    context: Optional["ReportContext"] = None,
 ) -> FolderEvaluation:
     """Score the masks of ``pred_dir`` against those of ``truth_dir``; write the results to ``out_dir``.
 
@@ -131,8 +153,14 @@ def evaluate_folders(
         1st-99th percentile.
     nsd_tolerance : float
         Normalised surface Dice tolerance, in mm (pixels when the spacing is unknown).
+    hd95 : {"max_directed", "pooled"}
+        Definition of HD95 (see :mod:`segmenter.evaluation.surface`).
     bootstrap_samples, seed : int
         Bootstrap of the confidence interval of the mean Dice (see :func:`tables.summarize`).
+    intensity_unit : str or None
+        Unit of the images' intensities in the clinical figures (e.g. "HU"); None: "image units".
+    context : ReportContext or None
+        What an experiment adds to the report (see :mod:`segmenter.evaluation.pipeline`); None for two folders.
 
     Returns
     -------
@@ -196,7 +224,7 @@ def evaluate_folders(
             yield case, truth_array, pred_array, case_spacing, intensity
 
     try:
-        table = metrics_table(keeping_thumbnails(cases()), list(class_names), nsd_tolerance)
+        table = metrics_table(keeping_thumbnails(cases()), list(class_names), nsd_tolerance, hd95)
     except ValueError as error:  # InputError is a ValueError too and already names its file
         raise error if isinstance(error, InputError) else InputError(pred_dir, str(error)) from error
     unit = distance_unit(list(spacings.values()))
@@ -208,8 +236,8 @@ def evaluate_folders(
         "spacing_source": spacing_source,
         "images_dir": None if images_dir is None else str(Path(images_dir).resolve()),
         "display_window": None if display_window is None else [float(value) for value in display_window],
-        "evaluate": {"nsd_tolerance": float(nsd_tolerance), "bootstrap_samples": int(bootstrap_samples),
-                     "seed": int(seed)},
+        "evaluate": {"nsd_tolerance": float(nsd_tolerance), "hd95": hd95,
+                     "bootstrap_samples": int(bootstrap_samples), "seed": int(seed)},
     }
     pairs_record = {
         "matched": {case: [str(truth), str(pred)] for case, (truth, pred) in pairs.matched.items()},
@@ -220,12 +248,14 @@ def evaluate_folders(
         notes.insert(0, _unmatched_text(pairs))
 
     with atomic_directory(out_dir) as tmp_dir:
-        write_text_atomic(table.to_csv(index=False), tmp_dir / "metrics.csv")
-        write_json_atomic(summary, tmp_dir / "summary.json")
-        write_json_atomic(pairs_record, tmp_dir / "pairs.json")
-        write_json_atomic(settings, tmp_dir / "config.resolved.json")
-        sections = _draw_figures(tmp_dir / "figures", pairs, table, list(class_names), spacings, thumbnails,
-                                 relabel_255, unit, display_window)
+        write_text_atomic(table.to_csv(index=False), tmp_dir / layout.METRICS)
+        write_json_atomic(summary, tmp_dir / layout.SUMMARY)
+        write_json_atomic(pairs_record, tmp_dir / layout.PAIRS)
+        write_json_atomic(context.config if context else settings, tmp_dir / layout.RESOLVED_CONFIG)
+        sections = _draw_figures(tmp_dir / layout.FIGURES, pairs, table, list(class_names), spacings, thumbnails,
+                                 relabel_255, unit, display_window, intensity_unit)
+        if context is not None:
+            sections = {**context.sections_before(tmp_dir / layout.FIGURES), **sections}
         unmatched = pd.DataFrame(
             [("truth", path.name, "no prediction of this name") for path in pairs.truth_only]
             + [("prediction", path.name, "no truth of this name") for path in pairs.pred_only],
@@ -237,8 +267,11 @@ def evaluate_folders(
             "predictions without a truth file": len(pairs.pred_only), "classes": list(class_names),
             "pixel spacing": spacing_source, **({"notes": notes} if notes else {}),
         }
-        write_report(tmp_dir / "report.html", title=f"Segmentation report: {pred_dir.name} against {truth_dir.name}",
-                     config=settings, manifest_summary=data, summary=summary, table=table, figures=sections,
+        write_report(tmp_dir / layout.REPORT,
+                     title=context.title if context else f"Segmentation report: {pred_dir.name} against {truth_dir.name}",
+                     config=context.config if context else settings,
+                     manifest_summary={**data, **context.data} if context else data, summary=summary, table=table,
+                     figures=sections, tuning_table=context.tuning_table if context else None,
                      extra_tables={"Unmatched files": unmatched} if len(unmatched) else None)
     return FolderEvaluation(out_dir, summary, pairs, notes)
 
@@ -370,7 +403,7 @@ def _display_slice(truth: np.ndarray, pred: np.ndarray, image: Optional[np.ndarr
 
 def _draw_figures(folder: Path, pairs: MaskPairs, table: pd.DataFrame, class_names: list[str],
                   spacings: dict, thumbnails: dict, relabel_255: bool, unit: str,
-                  display_window: Optional[Sequence[float]]) -> dict[str, list]:
+                  display_window: Optional[Sequence[float]], intensity_unit: Optional[str]) -> dict[str, list]:
     folder.mkdir(parents=True, exist_ok=True)
     window = None if display_window is None else tuple(display_window)
     sections: dict[str, list] = {}
@@ -393,7 +426,8 @@ def _draw_figures(folder: Path, pairs: MaskPairs, table: pd.DataFrame, class_nam
             path = figures.comparison_figure(image2d, truth2d, pred2d, class_id, class_name,
                                              f"{class_name}, {rank} case: {where}",
                                              folder / f"compare_{_file_safe(class_name)}_{rank}.png", window,
-                                             spacing=case_spacing)
+                                             spacing=case_spacing,
+                                             scores={"dice": row.dice, "hd95": row.hd95, "case": row.case})
             comparisons.append((path, f"{class_name}: {rank} case by Dice ({where}, Dice {row.dice:.3f}"
                                       + (", whole-volume Dice; the plane with the most true foreground is shown)"
                                          if plane is not None else ")")))
@@ -405,7 +439,7 @@ def _draw_figures(folder: Path, pairs: MaskPairs, table: pd.DataFrame, class_nam
                                                        folder / "all_cases.png", window, total=len(pairs.matched)),
                               "Every case (3D: the plane with the most true foreground): agreement (green), "
                               "missed (vermilion) and extra (yellow) pixels")]
-    sections.update(figures.metric_and_clinical_sections(table, folder, unit))
+    sections.update(figures.metric_and_clinical_sections(table, folder, unit, intensity_unit))
     return sections
 
 

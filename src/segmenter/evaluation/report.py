@@ -255,11 +255,12 @@ def _per_image_section(table: pd.DataFrame, distance: str, area: str) -> str:
         "image_id": "Image", "class": "Class", "dice": "Dice", "iou": "IoU",
         "hd": f"HD ({distance})", "hd95": f"HD95 ({distance})", "assd": f"ASSD ({distance})", "nsd": "NSD",
         "case": "Case", "area_true": f"True area ({area})", "area_pred": f"Predicted area ({area})",
+        "volume_true": f"True volume ({area})", "volume_pred": f"Predicted volume ({area})",
         "mean_intensity_true": "Mean intensity in true mask (HU for CT)",
         "mean_intensity_pred": "Mean intensity in predicted mask (HU for CT)",
     }
     digits = {"dice": 3, "iou": 3, "nsd": 3, "hd": 2, "hd95": 2, "assd": 2, "area_true": 2, "area_pred": 2,
-              "mean_intensity_true": 1, "mean_intensity_pred": 1}
+              "volume_true": 2, "volume_pred": 2, "mean_intensity_true": 1, "mean_intensity_pred": 1}
     frame = table.assign(case=table["case"].str.replace("_", " ")).rename(columns=labels)
     formats = {labels.get(column, column): places for column, places in digits.items()}
     return (

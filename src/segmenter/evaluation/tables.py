@@ -8,8 +8,10 @@ Units
 -----
 Distances (hd, hd95, assd, and the nsd tolerance) are in millimetres when every image has a known pixel
 spacing and in pixels otherwise; a run never mixes the two, because a mean over mm and pixels means
-nothing. Areas are in cm² for 2D label maps with a known spacing (pixel count * row_mm * column_mm / 100),
-volumes in cm³ for 3D label maps (voxel count * product of the spacing / 1000), else pixel counts.
+nothing. Sizes are areas in cm² for 2D label maps with a known spacing (pixel count * row_mm * column_mm /
+100; columns ``area_true``, ``area_pred``), volumes in cm³ = ml for 3D label maps (voxel count * product of
+the spacing / 1000; columns ``volume_true``, ``volume_pred``), else pixel counts. One table holds 2D or 3D
+label maps, not both.
 The units are also stored in ``table.attrs["distance_unit"]`` and ``table.attrs["area_unit"]``.
 """
 from __future__ import annotations
@@ -22,10 +24,16 @@ import pandas as pd
 
 from segmenter.evaluation.surface import CASES, METRIC_NAMES, segmentation_metrics
 
-TABLE_COLUMNS = (
-    "image_id", "class", *METRIC_NAMES, "case",
-    "area_true", "area_pred", "mean_intensity_true", "mean_intensity_pred",
-)
+#: The size of each mask: its area for 2D label maps, its volume for 3D ones (units in table.attrs["area_unit"]).
+SIZE_QUANTITY = {2: "area", 3: "volume"}
+
+
+def table_columns(ndim: int) -> tuple[str, ...]:
+    """The columns of a metrics table of ``ndim``-dimensional label maps."""
+    size = SIZE_QUANTITY[ndim]
+    return ("image_id", "class", *METRIC_NAMES, "case", f"{size}_true", f"{size}_pred",
+            "mean_intensity_true", "mean_intensity_pred")
+
 STATISTICS = ("mean", "std", "median", "p2.5", "p97.5")
 
 
@@ -88,6 +96,7 @@ def metrics_table(
     cases: Iterable[tuple[str, np.ndarray, np.ndarray, Optional[Sequence[float]], Optional[np.ndarray]]],
     class_names: Sequence[str],
     nsd_tolerance: float,
+    hd95: str = "max_directed",
 ) -> pd.DataFrame:
     """Score every image and foreground class: one row per (image, class).
 
@@ -103,18 +112,21 @@ def metrics_table(
         1 .. len(class_names) - 1.
     nsd_tolerance : float
         Tolerance of the normalised surface Dice, in mm (pixels when spacings are unknown).
+    hd95 : {"max_directed", "pooled"}
+        Definition of HD95 (see :mod:`segmenter.evaluation.surface`).
 
     Returns
     -------
     table : pandas.DataFrame
-        Columns ``image_id, class, dice, iou, hd, hd95, assd, nsd, case, area_true, area_pred,
-        mean_intensity_true, mean_intensity_pred``. Units (see module docstring) are in
+        Columns ``image_id, class, dice, iou, hd, hd95, assd, nsd, case``, the sizes (``area_true,
+        area_pred`` for 2D, ``volume_true, volume_pred`` for 3D), ``mean_intensity_true, mean_intensity_pred``. Units (see module docstring) are in
         ``table.attrs["distance_unit"]`` and ``table.attrs["area_unit"]``.
 
     Raises
     ------
     ValueError
-        If shapes disagree, a label lies outside the classes, or known and unknown spacings are mixed.
+        If shapes disagree, a label lies outside the classes, known and unknown spacings or 2D and 3D label
+        maps are mixed.
     """
     if len(class_names) < 2:
         raise ValueError("class_names needs the background and at least one foreground class")
@@ -122,9 +134,14 @@ def metrics_table(
     rows = []
     unit: Optional[str] = None
     area_label: Optional[str] = None
+    ndim: Optional[int] = None
     for image_id, truth, pred, spacing, intensity in cases:
         truth = np.asarray(truth)
         pred = np.asarray(pred)
+        if ndim is None:
+            ndim = truth.ndim
+        elif truth.ndim != ndim:
+            raise ValueError(f"{image_id}: a {truth.ndim}D label map among {ndim}D ones; score 2D and 3D apart")
         if truth.shape != pred.shape:
             raise ValueError(f"{image_id}: truth {truth.shape} and prediction {pred.shape} differ in shape")
         for name, labels in (("truth", truth), ("prediction", pred)):
@@ -152,19 +169,19 @@ def metrics_table(
         for class_id in range(1, num_classes):
             true_mask = truth == class_id
             pred_mask = pred == class_id
-            metrics = segmentation_metrics(true_mask, pred_mask, spacing, nsd_tolerance)
+            metrics = segmentation_metrics(true_mask, pred_mask, spacing, nsd_tolerance, hd95)
             rows.append(
                 {
                     "image_id": str(image_id),
                     "class": class_names[class_id],
                     **metrics,
-                    "area_true": float(true_mask.sum()) * pixel_area,
-                    "area_pred": float(pred_mask.sum()) * pixel_area,
+                    f"{SIZE_QUANTITY[ndim]}_true": float(true_mask.sum()) * pixel_area,
+                    f"{SIZE_QUANTITY[ndim]}_pred": float(pred_mask.sum()) * pixel_area,
                     "mean_intensity_true": _mean_inside(intensity, true_mask),
                     "mean_intensity_pred": _mean_inside(intensity, pred_mask),
                 }
             )
-    table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+    table = pd.DataFrame(rows, columns=list(table_columns(ndim or 2)))
     table.attrs["distance_unit"] = unit or "pixels"
     table.attrs["area_unit"] = area_label or "pixels"
     return table

@@ -87,3 +87,37 @@ def unsupported_files(folder: Path) -> list[Path]:
         if (entry.is_dir() and not _is_dicom_series_folder(entry))
         or (entry.is_file() and format_suffix(entry) is None)
     ]
+
+
+_CHANNEL_SUFFIX = re.compile(r"^(.*)_(\d{4})$")
+
+
+def list_image_cases(folder: Path, num_channels: int, kind: str = "image") -> dict[str, list[Path]]:
+    """Map case id -> its image files, one per channel, in channel order (nnU-Net's naming).
+
+    With several channels every case is ``<case>_0000<suffix>``, ``<case>_0001<suffix>``, ...; with one
+    channel a file is its own case, and a folder whose every file ends in ``_0000`` (nnU-Net's single-channel
+    naming) has that ending taken off, so ``case_0000.nii.gz`` pairs with the label map ``case.nii.gz``.
+
+    Raises InputError for a case missing a channel or with a channel beyond ``num_channels`` (naming it),
+    besides the errors of :func:`list_cases`.
+    """
+    files = list_cases(folder, kind)
+    numbered = {identifier: _CHANNEL_SUFFIX.match(identifier) for identifier in files}
+    if num_channels == 1:
+        if all(match and match.group(2) == "0000" for match in numbered.values()):
+            return {match.group(1): [files[identifier]] for identifier, match in numbered.items()}
+        return {identifier: [path] for identifier, path in files.items()}
+    channels: dict[str, dict[int, Path]] = {}
+    for identifier, match in numbered.items():
+        if match is None or int(match.group(2)) >= num_channels:
+            raise InputError(files[identifier], f"with {num_channels} channels, {kind} files are named "
+                                                f"<case>_0000 ... <case>_{num_channels - 1:04d} (nnU-Net's naming)")
+        channels.setdefault(match.group(1), {})[int(match.group(2))] = files[identifier]
+    for case, found in channels.items():
+        missing = [channel for channel in range(num_channels) if channel not in found]
+        if missing:
+            raise InputError(folder, f"case {case!r} has no channel {missing[0]} ({case}_{missing[0]:04d}); "
+                                     f"every case needs all {num_channels} channels")
+    return {case: [found[channel] for channel in range(num_channels)]
+            for case, found in sorted(channels.items(), key=lambda item: _natural_key(item[0]))}

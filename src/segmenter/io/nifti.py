@@ -29,6 +29,25 @@ def read_nifti(path: Path) -> LoadedImage:
     return LoadedImage(np.asarray(array), spacing, np.asarray(image.affine, dtype=np.float64), path)
 
 
+def write_nifti_image(array: np.ndarray, path: Path, affine: np.ndarray | None) -> None:
+    """Write intensities (int16 when every value is an integer that fits, else float32) with ``affine``.
+
+    Used for the test cases that preload keeps at their original geometry; the codes are as in write_nifti.
+    """
+    array = np.asarray(array)
+    integral = array.size and -32768 <= array.min() and array.max() <= 32767 and np.array_equal(array, np.rint(array))
+    _save(array.astype(np.int16 if integral else np.float32), path, affine)
+
+
+def _save(array: np.ndarray, path: Path, affine: np.ndarray | None) -> None:
+    affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+    image = nib.Nifti1Image(array, affine)
+    image.set_sform(affine, code=1)
+    image.set_qform(affine, code=1)
+    image.header.set_xyzt_units("mm")
+    nib.save(image, str(path))
+
+
 def write_nifti(array: np.ndarray, path: Path, affine: np.ndarray | None) -> None:
     """Write an integer label map; ``affine`` (voxel -> RAS+ mm) goes into both sform and qform.
 
@@ -43,9 +62,4 @@ def write_nifti(array: np.ndarray, path: Path, affine: np.ndarray | None) -> Non
         dtype = np.int16
     else:
         dtype = np.int32
-    affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
-    image = nib.Nifti1Image(array.astype(dtype), affine)
-    image.set_sform(affine, code=1)
-    image.set_qform(affine, code=1)
-    image.header.set_xyzt_units("mm")
-    nib.save(image, str(path))
+    _save(array.astype(dtype), path, affine)

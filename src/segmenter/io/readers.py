@@ -67,6 +67,30 @@ def read_image(path: Path) -> LoadedImage:
     return as_image(_read_any(path))
 
 
+def read_channels(paths: list[Path]) -> LoadedImage:
+    """Read a case's channel files (one path: a plain image) as one image whose array has the channels last.
+
+    Every channel must have the first one's shape and, where both carry one, its affine: channels of a case
+    are co-registered, as nnU-Net requires. The spacing and affine are the first channel's. One channel
+    gives the array without a channel axis, as :func:`read_image`.
+    """
+    first = read_image(paths[0])
+    if len(paths) == 1:
+        return first
+    arrays = [first.array]
+    for path in paths[1:]:
+        channel = read_image(path)
+        if channel.array.shape != first.array.shape:
+            raise InputError(path, f"channel of shape {channel.array.shape}, but {Path(paths[0]).name} is "
+                                   f"{first.array.shape}; the channels of a case must share one grid")
+        if channel.affine is not None and first.affine is not None \
+                and not np.allclose(channel.affine, first.affine, atol=1e-3):
+            raise InputError(path, f"affine differs from {Path(paths[0]).name}'s; the channels of a case must "
+                                   "share one grid")
+        arrays.append(channel.array)
+    return LoadedImage(np.stack(arrays, axis=-1), first.spacing, first.affine, first.source)
+
+
 def read_mask(path: Path, reference: LoadedImage | None = None) -> LoadedImage:
     """Read a label map as int32; every value must be an integer ("mask has non-integer values").
 

@@ -1,17 +1,18 @@
 """Write label maps in the format named by the file suffix, atomically.
 
-The file is written under a hidden temporary name in the same folder (ending in the same suffix, so the
-format libraries see it) and moved into place with ``os.replace``: a reader sees the old file or the new
-one, never half of one, and ``list_cases`` ignores a leftover temporary file.
+Every file goes through :func:`segmenter.artifacts.atomic_file`: it is written under a hidden temporary
+name in the same folder, ending in the same suffix so the format libraries accept it, then moved into
+place. A reader sees the old file or the new one, never half of one, and ``list_cases`` ignores a leftover
+temporary file (its name starts with ".").
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from segmenter.artifacts import atomic_file
 from segmenter.errors import InputError
 from segmenter.io.image import LoadedImage
 from segmenter.io.nifti import write_nifti
@@ -68,14 +69,23 @@ def write_mask(array: np.ndarray, path: Path, reference: LoadedImage | None = No
     suffix = format_suffix(path)
     if suffix not in WRITERS:
         raise InputError(path, f"cannot write a label map as this file type (supported: {', '.join(WRITERS)})")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    stem = path.name[: -len(suffix)]
-    temporary = path.with_name(f".{stem}.{os.getpid()}.tmp{suffix}")
     try:
-        WRITERS[suffix](array, temporary, reference)
-        os.replace(temporary, path)
+        with atomic_file(path, suffix=suffix) as temporary:  # ".<stem>.<pid>.tmp<suffix>"
+            WRITERS[suffix](array, temporary, reference)
     except InputError as error:  # name the file the caller asked for, not the temporary one
         raise InputError(path, error.problem) from None
-    finally:
-        temporary.unlink(missing_ok=True)
     return path
+
+
+#: Label-map suffix per input format: label maps go back in the user's format, except where that format
+#: cannot hold a label map written by us (DICOM), where NIfTI with the series' affine is the usual choice.
+OUTPUT_SUFFIX = {".csv": ".csv", ".png": ".png", ".npy": ".npy", ".nii": ".nii.gz", ".nii.gz": ".nii.gz",
+                 ".dcm": ".nii.gz"}
+
+
+def output_suffix(source: Path, ndim: int) -> str:
+    """The suffix a predicted label map of ``source`` is written with: its own 2D format, NIfTI for volumes."""
+    source = Path(source)
+    if ndim == 3 or source.is_dir():
+        return ".nii.gz"
+    return OUTPUT_SUFFIX.get(format_suffix(source) or "", ".nii.gz")

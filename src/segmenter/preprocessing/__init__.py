@@ -4,15 +4,20 @@ from segmenter.preprocessing.resize import resize_image, resize_mask, resized_sp
 from segmenter.preprocessing.split import split_train_test
 
 
-def prepare_image(image2d, settings, shape):
-    """Resize a 2D slice to ``shape`` and normalise it; returns (resized raw intensities, normalised).
+def prepare_image(image2d, normalizations, shape):
+    """Resize a 2D slice (rows, columns, channels) to ``shape`` and normalise each channel with its setting.
 
-    Preload and predict both use this, so new images are prepared exactly as the training slices were.
-    Resizing comes first: one resize serves both outputs, and the normalisation (a CT window, z-score)
-    then sees the same pixels the model does.
+    Returns (resized raw intensities, normalised), both float32 (*shape, channels). Preload and predict both
+    use this, so new images are prepared exactly as the training slices were. Resizing comes first: one
+    resize serves both outputs, and the normalisation (a CT window, z-score) then sees the same pixels the
+    model does. Each channel is normalised on its own (T2 and ADC have unrelated scales).
     """
-    raw = resize_image(image2d, shape)
-    return raw, normalize(raw, settings)
+    import numpy as np
+
+    raw = np.stack([resize_image(image2d[..., channel], shape) for channel in range(image2d.shape[-1])], axis=-1)
+    normalised = np.stack([normalize(raw[..., channel], settings) for channel, settings in enumerate(normalizations)],
+                          axis=-1)
+    return raw, normalised
 
 
 __all__ = ["NORMALIZATIONS", "normalize", "prepare_image", "resize_image", "resize_mask", "resized_spacing",

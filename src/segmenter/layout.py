@@ -1,0 +1,140 @@
+"""Every artifact path and file name segmenter writes or reads, and nowhere else.
+
+::
+
+    <paths.preloaded_root>/<experiment>/      preload
+        manifest.json                          the typed manifest (segmenter.manifest)
+        train.npz | train-00000.npz ...        training samples (segmenter.dataset)
+        test/images/<case>[_0000]<.npy|.nii.gz>  test cases at their original geometry (raw intensities)
+        test/labels/<case><.npy|.nii.gz>         their label maps (class indices)
+    <paths.experiments_root>/<experiment>/
+        config.resolved.json                   the last stage's resolved config (tune/, train/ and predict/
+                                               also keep their own)
+        tune/      trials.csv, best_hyperparameters.json, objective_vs_hyperparameters.png, validation_split.json,
+                   tensorboard/, keras_tuner/
+        train/     model.keras, checkpoints/{last.keras,state.json}, history.csv, tensorboard/,
+                   training_curves.png, hyperparameters.json, preprocessing.json
+        predict/   test/<case><suffix>, <input folder>/<case><suffix>, each with predictions.json
+        evaluate/  metrics.csv, summary.json, figures/, report.html, pairs.json
+    <evaluate --compare --out>/              comparison.csv, paired_tests.csv, comparison.json, figures/, report.html
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+from segmenter.errors import InputError
+
+RESOLVED_CONFIG = "config.resolved.json"
+
+# preload
+MANIFEST = "manifest.json"
+TEST_DIR = "test"
+TEST_IMAGES = "images"
+TEST_LABELS = "labels"
+
+# tune
+TRIALS = "trials.csv"
+BEST_HYPERPARAMETERS = "best_hyperparameters.json"
+TUNING_FIGURE = "objective_vs_hyperparameters.png"
+VALIDATION_SPLIT = "validation_split.json"
+TENSORBOARD = "tensorboard"
+KERAS_TUNER = "keras_tuner"
+
+# train
+MODEL = "model.keras"
+CHECKPOINTS = "checkpoints"
+LAST_CHECKPOINT = "last.keras"
+CHECKPOINT_STATE = "state.json"
+HISTORY = "history.csv"
+TRAINING_CURVES = "training_curves.png"
+HYPERPARAMETERS = "hyperparameters.json"
+PREPROCESSING = "preprocessing.json"
+
+# predict
+TEST_PREDICTIONS = "test"
+PREDICTIONS_RECORD = "predictions.json"
+
+# evaluate
+METRICS = "metrics.csv"
+SUMMARY = "summary.json"
+FIGURES = "figures"
+REPORT = "report.html"
+PAIRS = "pairs.json"
+
+# evaluate --compare (also FIGURES and REPORT)
+COMPARISON_MEANS = "comparison.csv"
+PAIRED_TESTS = "paired_tests.csv"
+COMPARISON = "comparison.json"
+
+
+def manifest_path(preloaded_dir: Path) -> Path:
+    return Path(preloaded_dir) / MANIFEST
+
+
+def shard_name(split: str, number: int, count: int) -> str:
+    """``train.npz`` for a split of one shard, else ``train-00000.npz``, ``train-00001.npz``, ..."""
+    return f"{split}.npz" if count == 1 else f"{split}-{number:05d}.npz"
+
+
+def test_images_dir(preloaded_dir: Path) -> Path:
+    return Path(preloaded_dir) / TEST_DIR / TEST_IMAGES
+
+
+def test_labels_dir(preloaded_dir: Path) -> Path:
+    return Path(preloaded_dir) / TEST_DIR / TEST_LABELS
+
+
+def channel_file_stem(case_id: str, channel: int, num_channels: int) -> str:
+    """nnU-Net's naming: ``<case>`` for one channel, ``<case>_0000``, ``<case>_0001``, ... for several."""
+    return case_id if num_channels == 1 else f"{case_id}_{channel:04d}"
+
+
+def model_path(train_dir: Path) -> Path:
+    return Path(train_dir) / MODEL
+
+
+def preprocessing_path(train_dir: Path) -> Path:
+    return Path(train_dir) / PREPROCESSING
+
+
+def history_path(train_dir: Path) -> Path:
+    return Path(train_dir) / HISTORY
+
+
+def test_predictions_dir(predict_dir: Path) -> Path:
+    return Path(predict_dir) / TEST_PREDICTIONS
+
+
+# ----------------------------------------------------------------------------------------------------
+# Names that become paths
+# ----------------------------------------------------------------------------------------------------
+def unsafe_name_problem(name: str, hidden_ok: bool = True) -> Optional[str]:
+    """Why ``name`` cannot be used as one file or folder name inside its folder, or None when it can.
+
+    Refused: an empty name, ``.`` and ``..``, a path separator (``/`` or ``\\``) or a NUL character, and
+    with ``hidden_ok=False`` a leading ``.`` (hidden files are skipped by every stage that lists a folder).
+    """
+    if not name:
+        return "is empty"
+    if "\0" in name:
+        return "contains a NUL character"
+    if "/" in name or "\\" in name:
+        return "contains a path separator ('/' or '\\')"
+    if name in (".", ".."):
+        return "is '.' or '..'"
+    if not hidden_ok and name.startswith("."):
+        return "starts with '.' (a hidden file, which later stages skip)"
+    return None
+
+
+def safe_name(name: str, what: str, path: Union[str, Path, None] = None, hidden_ok: bool = False) -> str:
+    """``name`` if it can be a file name inside its folder, else InputError naming ``what`` and ``path``.
+
+    Case ids become file names (``test/images/<case>.npy``, ``predict/test/<case>.nii.gz``): an id such as
+    ``../x`` would write outside its folder, and one starting with ``.`` would be skipped by the next stage.
+    """
+    problem = unsafe_name_problem(str(name), hidden_ok=hidden_ok)
+    if problem is not None:
+        raise InputError(path, f"{what} {str(name)!r} {problem}; it cannot be a file name inside its folder")
+    return str(name)

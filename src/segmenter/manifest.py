@@ -1,0 +1,155 @@
+"""The preloaded dataset's manifest: one typed, versioned model, read and written only here.
+
+A *case* is the unit of data: one 2D image or one 3D volume (one or more channels) with its label map.
+The manifest lists every case with its properties (:class:`CaseRecord`) and says which are in the training
+and the test split. The training split also lists its *samples*, the fixed-size 2D slices cut from its
+cases and stored in shards (see :mod:`segmenter.dataset`); the test split holds whole cases, stored at
+their original geometry in ``test/images`` and ``test/labels`` (see :mod:`segmenter.layout`), never
+filtered by their labels.
+
+``preloaded_dataset/<experiment>/manifest.json`` is written by the preload stage through
+:func:`write_manifest` and read by every later stage through :func:`read_manifest`; a manifest of another
+version is refused with one line that says to run the preload stage again (preload itself redoes it).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from segmenter import layout
+from segmenter.artifacts import read_json, write_json_atomic
+from segmenter.config import ConfigError
+
+#: Bumped whenever what preload writes changes, so an older preloaded dataset is redone, not reused.
+MANIFEST_VERSION = 5
+
+
+class ManifestError(FileNotFoundError):
+    """A preloaded dataset that is missing, of another manifest version, or unreadable: run preload again."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CaseRecord(_Model):
+    """One case: its provenance and geometry, the labels it holds and where each class occurs."""
+
+    id: str
+    #: The patient or volume group (``preload.group_pattern``); no group is in both splits.
+    group: str
+    #: Source image files, one per channel, and the source label file.
+    images: list[str]
+    mask: str
+    #: Array shape without channels: (rows, columns) or (rows, columns, planes) as :mod:`segmenter.io` reads it.
+    shape: list[int]
+    #: Voxel size in mm per array axis; None when the format carries none and the config gives none.
+    spacing: Optional[list[float]] = None
+    #: 4 x 4 voxel index -> RAS+ mm; None for 2D files without one.
+    affine: Optional[list[list[float]]] = None
+    #: Classes present in the (remapped) label map.
+    labels: list[int]
+    #: Voxels of each foreground class present, and its bounding box ([first, last] index per axis).
+    class_voxels: dict[int, int] = {}
+    class_boxes: dict[int, list[list[int]]] = {}
+    #: For a case cut from a single volume (see :mod:`segmenter.preload.split`): [first, stop) along the slice axis.
+    slab: Optional[list[int]] = None
+    #: Suffix the predict stage writes this case's label map with (the source's own format, NIfTI for volumes).
+    output_suffix: str
+
+
+class SampleRecord(_Model):
+    """One training sample: a 2D slice of a case at ``Manifest.sample_size``, stored in the shards."""
+
+    id: str
+    case: str
+    #: Index along ``preload.slice_axis`` for slices of volumes, -1 for 2D cases.
+    slice_index: int
+    labels: list[int]
+    original_shape: list[int]
+    #: Pixel spacing (row, column) after resizing to the sample size; None when unknown.
+    spacing: Optional[list[float]] = None
+
+
+class TrainSplit(_Model):
+    cases: list[CaseRecord]
+    samples: list[SampleRecord]
+    shards: list[str]
+    #: Samples that show each label, by label.
+    samples_with_label: dict[int, int]
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.samples)
+
+
+class TestSplit(_Model):
+    cases: list[CaseRecord]
+
+
+class Manifest(_Model):
+    version: int
+    fingerprint: str
+    experiment: str
+    classes: list[str]
+    #: Channel names, in the order of the model's input channels.
+    channels: list[str]
+    #: (rows, columns) of the training samples.
+    sample_size: list[int]
+    slice_axis: int
+    #: The preload settings the data were prepared with (normalisation per channel and the rest).
+    preprocessing: dict[str, Any]
+    #: Source file -> sha256.
+    sources: dict[str, str]
+    skipped: list[dict[str, str]]
+    #: "random" (grouped, seeded), "fixed" (preload.test_cases / preload.test_dir) or "slab" (one volume).
+    split: Literal["random", "fixed", "slab"]
+    train: TrainSplit
+    test: TestSplit
+    config: dict[str, Any]
+
+    def test_case(self, case_id: str) -> CaseRecord:
+        for case in self.test.cases:
+            if case.id == case_id:
+                return case
+        raise KeyError(case_id)
+
+
+def read_manifest(preloaded_dir: Path) -> Manifest:
+    """The manifest of ``preloaded_dir``; ManifestError (one line, what to run) when missing, old or unreadable."""
+    path = layout.manifest_path(preloaded_dir)
+    if not path.is_file():
+        raise ManifestError(f"{path}: no preloaded dataset here; run the preload stage first")
+    raw = read_json(path)
+    version = raw.get("version") if isinstance(raw, dict) else None
+    if version != MANIFEST_VERSION:
+        raise ManifestError(f"{path}: written by an older segmenter (manifest version {version}, now "
+                            f"{MANIFEST_VERSION}); run the preload stage again")
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ManifestError(f"{path}: damaged manifest ({where}: {first['msg']}); run the preload stage again") from None
+
+
+def read_manifest_version(preloaded_dir: Path) -> Optional[int]:
+    """The version of an existing manifest (None when there is none or it is unreadable), for preload's notice."""
+    try:
+        raw = read_json(layout.manifest_path(preloaded_dir))
+    except (OSError, ValueError):
+        return None
+    return raw.get("version") if isinstance(raw, dict) else None
+
+
+def write_manifest(manifest: Manifest, preloaded_dir: Path) -> Path:
+    return write_json_atomic(manifest.model_dump(mode="json"), layout.manifest_path(preloaded_dir))
+
+
+def check_classes(config_classes: list[str], other_classes: list[str], what: str) -> None:
+    """ConfigError (one line naming both lists) when the config's classes differ from those of ``what``."""
+    if list(config_classes) != list(other_classes):
+        raise ConfigError(f"classes: the config names {len(config_classes)} classes {list(config_classes)}, "
+                          f"but {what} has {len(other_classes)}: {list(other_classes)}")

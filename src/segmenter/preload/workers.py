@@ -1,0 +1,140 @@
+"""The worker processes that read and prepare the cases, and the job each runs for one case.
+
+A job reads its case once (:func:`segmenter.preload.prepare.read_case`); a training case sends back its
+record and training samples, a test case is written by the worker itself and only its record comes back,
+and a single volume split into a slab does both. Errors cross the process boundary as one line of text.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import multiprocessing
+import signal
+from pathlib import Path
+from typing import Optional
+
+from tqdm import tqdm
+
+from segmenter.config import Config
+from segmenter.errors import InputError, resource_problem
+from segmenter.manifest import CaseRecord
+from segmenter.preload import prepare, store
+from segmenter.preload.discovery import CaseFiles
+from segmenter.preload.fingerprint import source_digest
+from segmenter.preload.split import test_slab
+
+TRAIN, TEST, SLAB = "train", "test", "slab"
+
+
+@dataclasses.dataclass(frozen=True)
+class CaseJob:
+    case: CaseFiles
+    role: str  # TRAIN, TEST or SLAB
+    preloaded_dir: Path  # where test cases are written (the stage's temporary folder)
+
+
+@dataclasses.dataclass
+class CaseOutcome:
+    """What a worker sends back for one case."""
+
+    job: CaseJob
+    records: list[CaseRecord] = dataclasses.field(default_factory=list)  # the case's, or train part and slab
+    test_records: list[CaseRecord] = dataclasses.field(default_factory=list)
+    samples: list[dict] = dataclasses.field(default_factory=list)
+    error: Optional[str] = None  # the case is invalid (skipped with --skip-invalid)
+    digests: Optional[dict] = None  # path -> sha256 of the case's sources, when asked for
+    digest_error: Optional[str] = None  # a source could not be hashed: always fatal
+
+
+def run_case(job: CaseJob, config: Config) -> CaseOutcome:
+    """Read one case and do its role's work; see the module docstring."""
+    loaded = prepare.read_case(job.case, config)
+    outcome = CaseOutcome(job)
+    if job.role == TRAIN:
+        outcome.records.append(prepare.case_record(job.case, loaded))
+        outcome.samples = prepare.training_samples(loaded, config)
+    elif job.role == TEST:
+        store.write_test_case(loaded, job.preloaded_dir)
+        outcome.test_records.append(prepare.case_record(job.case, loaded))
+    else:
+        axis = config.preload.slice_axis
+        if loaded.mask.ndim != 3:
+            raise InputError(job.case.image_paths[0], "the only case is a 2D image: nothing to split into train "
+                                                      "and test")
+        slab = test_slab(loaded.mask.shape[axis], config.preload.test_fraction, config.seed)
+        outcome.records.append(prepare.case_record(job.case, loaded))
+        outcome.samples = prepare.training_samples(loaded, config, skip=slab)
+        test_case = prepare.cut_slab(loaded, slab, axis)
+        store.write_test_case(test_case, job.preloaded_dir)
+        outcome.test_records.append(prepare.case_record(job.case, test_case, slab=slab))
+    return outcome
+
+
+def _case_job(job: CaseJob, config: Optional[Config] = None, with_digests: bool = False) -> CaseOutcome:
+    """Run one case; with ``with_digests`` also hash its sources while they are in the page cache."""
+    digests = None
+    if with_digests:
+        try:
+            digests = {str(path): source_digest(path) for path in job.case.source_paths}
+        except InputError as error:
+            return CaseOutcome(job, digest_error=str(error))
+    try:
+        outcome = run_case(job, config or _worker_config)
+    except InputError as error:  # InputError does not survive pickling between processes: send its text
+        outcome = CaseOutcome(job, error=str(error))
+    except Exception as error:  # An unexpected failure in a reader or the disk still names the file.
+        if resource_problem(error) is not None:
+            raise  # a full disk or too little memory is no fault of the case: it stops the stage (cli)
+        outcome = CaseOutcome(job, error=str(InputError(job.case.image_paths[0], f"{type(error).__name__}: {error}")))
+    outcome.digests = digests
+    return outcome
+
+
+# Set in each worker process by _init_worker, so the config crosses the process boundary once, not per job.
+_worker_config: Optional[Config] = None
+
+
+def _init_worker(config_json: str) -> None:
+    global _worker_config
+    # Ctrl-C reaches the whole process group: the main process stops the workers and cleans up, alone.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _worker_config = Config.model_validate_json(config_json)
+
+
+class Workers:
+    """A process pool started on first use and shared by all the work (hashing, the cases); or none at all.
+
+    ``processes`` 0 runs everything in this process (``parallel`` is False).
+    """
+
+    def __init__(self, config: Config, processes: int):
+        self.config = config
+        self.processes = processes
+        self.parallel = processes > 0
+        self._pool = None
+
+    def _started(self):
+        if self._pool is None:
+            # "spawn" because a forked child of a process that has TensorFlow loaded (tests, notebooks) can hang.
+            context = multiprocessing.get_context("spawn")
+            self._pool = context.Pool(self.processes, initializer=_init_worker,
+                                      initargs=(self.config.model_dump_json(),))
+        return self._pool
+
+    def map(self, function, items, ordered: bool, chunksize: int):
+        pool = self._started()
+        return (pool.imap if ordered else pool.imap_unordered)(function, items, chunksize=chunksize)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+
+    def run_cases(self, jobs: list[CaseJob], with_digests: bool):
+        """Yield a CaseOutcome per job, in the order they finish, with a progress bar on a terminal."""
+        progress = dict(total=len(jobs), unit="case", desc="preload", mininterval=1.0, disable=None)
+        # Worker processes have the config already (_init_worker); in this process it is passed along.
+        job = functools.partial(_case_job, config=None if self.parallel else self.config, with_digests=with_digests)
+        outcomes = self.map(job, jobs, ordered=False, chunksize=4) if self.parallel else map(job, jobs)
+        yield from tqdm(outcomes, **progress)
