@@ -6,6 +6,8 @@ Runs `segmenter preload|train|predict|evaluate --config configs/hippocampus_2d.p
 spine_default_run.py) on ../shared/datasets/msd_hippocampus, then prints and writes:
 
 - the evaluate stage's figures: each test volume scored as a whole, in 3D, in mm (``n_images`` volumes);
+- whether `segmenter evaluate --truth --pred --images` on the same folders gives the same rows (it must:
+  one evaluation path);
 - the figure segmenter reported before cases became the unit, recomputed from the same predictions: each
   axial slice scored on its own in 2D, only the slices whose true mask shows some hippocampus (the test
   split was filtered by its labels), the mean taken over slices. Slices where a class is absent and not
@@ -17,6 +19,8 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -24,9 +28,8 @@ import numpy as np
 
 from segmenter import layout
 
-import sys
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from spine_default_run import REPO_ROOT, run_default
+from spine_default_run import REPO_ROOT, report_figures, run_default  # noqa: E402
 
 CONFIG = REPO_ROOT / "configs" / "hippocampus_2d.py"
 
@@ -48,6 +51,19 @@ def per_slice_dice(truth_dir: Path, pred_dir: Path, classes: list[str], axis: in
     return {name: {"dice_mean": float(np.mean(values)), "n_slices": len(values)} for name, values in scores.items()}
 
 
+def folder_mode_matches(evaluate_dir: Path, truth_dir: Path, pred_dir: Path, images_dir: Path, classes: list[str],
+                        out_dir: Path) -> bool:
+    """Run the folder evaluation on the experiment's folders; True when its metrics.csv equals the experiment's."""
+    import pandas as pd
+
+    command = [sys.executable, "-m", "stages.evaluate", "--truth", str(truth_dir), "--pred", str(pred_dir),
+               "--images", str(images_dir), "--classes", ",".join(classes), "--out", str(out_dir)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"folder evaluation failed:\n{result.stderr[-3000:]}")
+    return pd.read_csv(out_dir / layout.METRICS).equals(pd.read_csv(evaluate_dir / layout.METRICS))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
@@ -67,11 +83,11 @@ def main() -> None:
                        **{name: {key: stats[key] for key in ("dice_mean", "dice_mean_ci95", "hd95_mean", "assd_mean")}
                           for name, stats in summary["classes"].items()}},
         "per_slice_as_before": per_slice_dice(truth_dir, pred_dir, classes, axis=2),
+        "folder_mode_gives_the_same_rows": folder_mode_matches(
+            evaluate_dir, truth_dir, pred_dir, truth_dir.parent / layout.TEST_IMAGES, classes,
+            evaluate_dir.parent / "evaluate_as_folders"),
     }
-    print(json.dumps(figures, indent=2))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+    report_figures(figures, args.json)
 
 
 if __name__ == "__main__":

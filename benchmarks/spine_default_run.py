@@ -42,6 +42,14 @@ def run_default(config: str, overrides: list[str]) -> tuple[list[str], dict, Pat
     return sets, seconds, evaluate_dir
 
 
+def report_figures(figures: dict, json_path) -> None:
+    """Print the figures and, when ``json_path`` is given, write them there as JSON."""
+    print(json.dumps(figures, indent=2))
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(figures, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "spine_mri.py"))
@@ -58,10 +66,7 @@ def main() -> None:
         "dice_mean": {name: stats["dice_mean"] for name, stats in summary["classes"].items()},
         "hd95_mean": {name: stats["hd95_mean"] for name, stats in summary["classes"].items()},
     }
-    print(json.dumps(figures, indent=2))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+    report_figures(figures, args.json)
 
 
 if __name__ == "__main__":

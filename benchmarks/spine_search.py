@@ -20,6 +20,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from spine_default_run import report_figures  # noqa: E402
+
 from segmenter import layout
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -101,10 +104,7 @@ def main() -> None:
                         if default else None),
         },
     }
-    print(json.dumps(figures, indent=2))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+    report_figures(figures, args.json)
 
 
 if __name__ == "__main__":

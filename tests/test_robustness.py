@@ -71,7 +71,7 @@ def small_data(tmp_path_factory) -> Path:
 
 
 def _start_cli(*args: str) -> subprocess.Popen:
-    """``segmenter <args>`` in a new process, with Ctrl-C's default handler even when the tests run in the background."""
+    """``segmenter <args>`` in a new process, with Python's Ctrl-C handler even when the tests run in the background."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
     code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
             "from segmenter.cli import segmenter_main; sys.exit(segmenter_main(sys.argv[1:]))")
@@ -156,6 +156,17 @@ def test_train_waits_for_no_preload_and_preload_for_no_reader(small_data, tmp_pa
                 pass
     with locks.stage_lock(config, "preload"):  # all free again
         pass
+    # The last holder removes its lock file; nothing is left beside the outputs.
+    assert sorted(os.listdir(tmp_path / "pre")) == [] and not (tmp_path / "exp").exists()
+
+
+def test_a_stage_that_stops_at_once_leaves_no_lock_file_nor_folder(small_data, tmp_path, capsys):
+    from segmenter.evaluation import pipeline
+
+    config = _config(small_data, tmp_path)
+    assert cli.run_stage(lambda: pipeline.evaluate_experiment(config)) == cli.EXIT_MISSING_INPUT
+    assert "no preloaded dataset here; run the preload stage first" in capsys.readouterr().err
+    assert not (tmp_path / "exp").exists() and not (tmp_path / "pre").exists()
 
 
 def test_a_distributed_tune_worker_shares_the_tune_folder(small_data, tmp_path, monkeypatch):

@@ -79,19 +79,21 @@ def predict_cases(model: keras.Model, preprocessing: dict, cases: dict[str, list
         if previews:
             from segmenter.visualize import PREVIEW_DIR, PreviewWriter  # matplotlib: only when asked
 
-            preview = PreviewWriter(tmp_dir / PREVIEW_DIR, preprocessing, title=f"Predictions for {record.get('input')}")
+            preview = PreviewWriter(tmp_dir / PREVIEW_DIR, preprocessing,
+                                    title=f"Predictions for {record.get('input')}")
         for case_id, paths in tqdm(cases.items(), unit="case", desc="predict", disable=None):
             layout.safe_name(case_id, "case id", paths[0])  # it becomes the mask's file name
             image = io.read_channels(paths)
             spatial_ndim = image.array.ndim - (len(paths) > 1)
             if spatial_ndim not in (2, 3):
                 raise InputError(paths[0], f"expected a 2D image or 3D volume, got shape {image.array.shape}")
-            label_map = _predict_image(model, image.array, len(paths), preprocessing, batch_size)
+            label_map = predict_image(model, image.array, len(paths), preprocessing, batch_size)
             reference = io.LoadedImage(label_map, image.spacing, image.affine, image.source)
             io.write_mask(label_map, tmp_dir / f"{case_id}{suffix_of(case_id, paths, spatial_ndim)}",
                           reference=reference)
             if preview is not None:
-                preview.add(case_id, image, len(paths), label_map, f"{case_id}{suffix_of(case_id, paths, spatial_ndim)}")
+                preview.add(case_id, image, len(paths), label_map,
+                            f"{case_id}{suffix_of(case_id, paths, spatial_ndim)}")
             if dicom_seg:
                 if not Path(paths[0]).is_dir():
                     raise InputError(paths[0], "--format dicom-seg needs DICOM series folders as input")
@@ -135,7 +137,7 @@ def predict_test_set(config: Config) -> PredictResult:
     return PredictResult(out_dir, count)
 
 
-def _predict_image(model, array: np.ndarray, num_channels: int, preprocessing: dict, batch_size: int) -> np.ndarray:
+def predict_image(model, array: np.ndarray, num_channels: int, preprocessing: dict, batch_size: int) -> np.ndarray:
     """Label map at the input's own size for a 2D image or, slice by slice, a 3D volume (channels last if several)."""
     channels = [NormalizationConfig.model_validate(item) for item in
                 (preprocessing["normalization"] if isinstance(preprocessing["normalization"], list)
@@ -188,5 +190,5 @@ def predict_folder(config: Config, input_dir: Path, output_dir: Optional[Path] =
                           lambda case_id, paths, ndim: output_suffix(paths[0], ndim), config.predict.batch_size,
                           {"input": str(input_dir), "model": str(layout.model_path(config.stage_dir("train")))},
                           dicom_seg=dicom_seg, previews=True)
-    print(f"Previews: {Path(output_dir) / 'preview' / 'index.html'}")
+    print(f"Previews: {Path(output_dir) / layout.PREVIEW_DIR / layout.PREVIEW_INDEX}")
     return PredictResult(output_dir, count)

@@ -2,19 +2,22 @@
 
 ::
 
+    <paths.preloaded_root>/.<experiment>.lock  the preloaded dataset's lock (segmenter.locks)
     <paths.preloaded_root>/<experiment>/      preload
         manifest.json                          the typed manifest (segmenter.manifest)
         train.npz | train-00000.npz ...        training samples (segmenter.dataset)
         test/images/<case>[_0000]<.npy|.nii.gz>  test cases at their original geometry (raw intensities)
         test/labels/<case><.npy|.nii.gz>         their label maps (class indices)
     <paths.experiments_root>/<experiment>/
+        .<stage>.lock                          each stage's lock, beside its folder (segmenter.locks)
         config.resolved.json                   the last stage's resolved config (tune/, train/ and predict/
                                                also keep their own)
         tune/      trials.csv, best_hyperparameters.json, objective_vs_hyperparameters.png, validation_split.json,
                    tensorboard/, keras_tuner/
-        train/     model.keras, checkpoints/{last.keras,state.json}, history.csv, tensorboard/,
-                   training_curves.png, hyperparameters.json, preprocessing.json
-        predict/   test/<case><suffix>, <input folder>/<case><suffix>, each with predictions.json
+        train/     model.keras, checkpoints/{last,best}.keras, checkpoints/{state,settings}.json, history.csv,
+                   tensorboard/, training_curves.png, hyperparameters.json, preprocessing.json
+        predict/   test/<case><suffix>, <input folder>/<case><suffix>, each with predictions.json (and, for an
+                   input folder, preview/<case>.png and preview/index.html); visualize_<split>.png
         evaluate/  metrics.csv, summary.json, figures/, report.html, pairs.json
     <evaluate --compare --out>/              comparison.csv, paired_tests.csv, comparison.json, figures/, report.html
 """
@@ -45,7 +48,9 @@ KERAS_TUNER = "keras_tuner"
 MODEL = "model.keras"
 CHECKPOINTS = "checkpoints"
 LAST_CHECKPOINT = "last.keras"
+BEST_CHECKPOINT = "best.keras"
 CHECKPOINT_STATE = "state.json"
+CHECKPOINT_SETTINGS = "settings.json"
 HISTORY = "history.csv"
 TRAINING_CURVES = "training_curves.png"
 HYPERPARAMETERS = "hyperparameters.json"
@@ -54,6 +59,8 @@ PREPROCESSING = "preprocessing.json"
 # predict
 TEST_PREDICTIONS = "test"
 PREDICTIONS_RECORD = "predictions.json"
+PREVIEW_DIR = "preview"
+PREVIEW_INDEX = "index.html"
 
 # evaluate
 METRICS = "metrics.csv"
@@ -104,6 +111,21 @@ def history_path(train_dir: Path) -> Path:
 
 def test_predictions_dir(predict_dir: Path) -> Path:
     return Path(predict_dir) / TEST_PREDICTIONS
+
+
+def visualization_path(predict_dir: Path, split: str) -> Path:
+    """``predict/visualize_<split>.png`` (``segmenter predict --visualize``)."""
+    return Path(predict_dir) / f"visualize_{split}.png"
+
+
+def dataset_lock_path(preloaded_root: Path, experiment: str) -> Path:
+    """The preloaded dataset's lock file, beside its folder (which preload replaces whole)."""
+    return Path(preloaded_root) / f".{experiment}.lock"
+
+
+def stage_lock_path(experiment_dir: Path, stage: str) -> Path:
+    """A stage's lock file, beside its folder (which evaluate replaces whole)."""
+    return Path(experiment_dir) / f".{stage}.lock"
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -16,8 +16,11 @@ evaluate    ``<experiments_root>/<experiment>/.evaluate.lock``  the preloaded da
 ==========  ==================================================  =========================================
 
 The lock files lie *beside* the folders they guard, not in them, because preload and evaluate replace their
-output folder whole (:func:`segmenter.artifacts.atomic_directory`); they are hidden, tiny and kept (removing
-a lock file while another process may be opening it would let two runs hold "the" lock at once).
+output folder whole (:func:`segmenter.artifacts.atomic_directory`). They are hidden, and the last holder
+removes its lock file when it lets go, while still holding the lock; a run that opened the file just before
+then finds, once it holds its lock, that the path no longer names the file it locked, and starts over on the
+new file, so two runs never hold "the" lock at once. Only a run killed with SIGKILL leaves a lock file
+behind, free to take.
 
 A run that finds a lock held stops at once with :class:`segmenter.errors.BusyError`, one line naming the
 lock file and the process holding it: an exclusive holder writes its process id, host, start time and
@@ -45,6 +48,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional, TypeVar
 
+from segmenter import layout
 from segmenter.errors import BusyError
 
 try:
@@ -64,12 +68,12 @@ _DESCRIPTION_WAIT_S = 1.0
 
 def dataset_lock_path(config) -> Path:
     """``<preloaded_root>/.<experiment>.lock``: the lock of the preloaded dataset (beside its folder)."""
-    return Path(config.paths.preloaded_root) / f".{config.experiment}.lock"
+    return layout.dataset_lock_path(config.paths.preloaded_root, config.experiment)
 
 
 def stage_lock_path(config, stage: str) -> Path:
     """``<experiments_root>/<experiment>/.<stage>.lock``: the lock of the stage's output folder (beside it)."""
-    return Path(config.experiment_dir) / f".{stage}.lock"
+    return layout.stage_lock_path(config.experiment_dir, stage)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -82,24 +86,43 @@ class FileLock:
         self.path = Path(path)
         self.shared = shared
         self._fd: Optional[int] = None
+        self._created: list[Path] = []  # folders made for the lock file, removed with it when left empty
 
     def acquire(self) -> bool:
         if fcntl is None and self.shared:
             return True  # no shared locks without fcntl: readers do not lock
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by child processes
-        try:
-            if fcntl is not None:
-                fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-            else:  # pragma: no cover - Windows
-                import msvcrt
+        for _ in range(100):
+            self._make_folder()
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by child processes
+            except FileNotFoundError:  # the folder was removed meanwhile by a run that let go
+                continue
+            try:
+                if fcntl is not None:
+                    fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+                else:  # pragma: no cover - Windows
+                    import msvcrt
 
-                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-        except OSError:  # BlockingIOError (EWOULDBLOCK), or EACCES on some systems
+                    msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            except OSError:  # BlockingIOError (EWOULDBLOCK), or EACCES on some systems
+                os.close(fd)
+                return False
+            # The last holder removes the file when it lets go (see release): a lock taken on a file that was
+            # removed meanwhile guards nothing, so try again on the file now at the path.
+            try:
+                current = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                current = False
+            if current:
+                self._fd = fd
+                return True
             os.close(fd)
-            return False
-        self._fd = fd
-        return True
+        return False
+
+    def _make_folder(self) -> None:
+        missing = [folder for folder in [self.path.parent, *self.path.parent.parents] if not folder.exists()]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._created = self._created or missing
 
     def write_description(self, description: dict) -> None:
         """Put the holder's description into the lock file (exclusive holders only)."""
@@ -110,16 +133,25 @@ class FileLock:
         os.pwrite(self._fd, data, 0)
 
     def release(self) -> None:
+        """Let go; the last holder removes the lock file (a run killed with SIGKILL leaves it, which is harmless)."""
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
         try:
-            if not self.shared and fcntl is not None:
-                os.ftruncate(fd, 0)  # the description is of a run that has ended
-        except OSError:
+            if fcntl is not None:
+                if self.shared:  # the last reader out: only it can take the lock exclusively now
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.unlink(self.path)  # still locked: whoever opened the file meanwhile tries again (acquire)
+        except OSError:  # other readers still hold it, or it is gone already
             pass
         finally:
             os.close(fd)  # releases the flock
+        for folder in self._created:  # innermost first; a folder something else was put into stays
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        self._created = []
 
     def held_by_another(self) -> bool:
         """Whether another process holds this lock exclusively right now (probed with a shared lock)."""

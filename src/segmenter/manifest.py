@@ -122,7 +122,10 @@ def read_manifest(preloaded_dir: Path) -> Manifest:
     path = layout.manifest_path(preloaded_dir)
     if not path.is_file():
         raise ManifestError(f"{path}: no preloaded dataset here; run the preload stage first")
-    raw = read_json(path)
+    try:
+        raw = read_json(path)
+    except ValueError as error:  # not JSON (a file edited or damaged by hand): the same advice as below
+        raise ManifestError(f"{path}: damaged manifest (not JSON: {error}); run the preload stage again") from None
     version = raw.get("version") if isinstance(raw, dict) else None
     if version != MANIFEST_VERSION:
         raise ManifestError(f"{path}: written by an older segmenter (manifest version {version}, now "

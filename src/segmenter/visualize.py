@@ -52,16 +52,10 @@ SPLITS = ("train", "test")
 DEFAULT_COUNT = 8
 #: At most this many rows in one figure (the case grid's limit).
 MAX_COUNT = MAX_GRID_CASES
-PREVIEW_DIR = "preview"
-PREVIEW_INDEX = "index.html"
+PREVIEW_DIR, PREVIEW_INDEX = layout.PREVIEW_DIR, layout.PREVIEW_INDEX
 # Colours of the foreground classes in label maps: Okabe-Ito colours not used by the agreement overlay,
 # then tab10's for datasets with many classes.
 _CLASS_COLOURS = ["#0072B2", "#E69F00", "#56B4E9", "#CC79A7"] + [to_hex(c) for c in colormaps["tab10"].colors]
-
-
-def figure_path(predict_dir: Path, split: str) -> Path:
-    """``predict/visualize_<split>.png``."""
-    return Path(predict_dir) / f"visualize_{split}.png"
 
 
 @dataclasses.dataclass
@@ -94,7 +88,8 @@ class _Row:
 # ----------------------------------------------------------------------------------------------------
 # predict --visualize
 # ----------------------------------------------------------------------------------------------------
-def visualize(config: Config, split: str, checkpoint: Optional[Path] = None, count: int = DEFAULT_COUNT) -> VisualizeResult:
+def visualize(config: Config, split: str, checkpoint: Optional[Path] = None,
+              count: int = DEFAULT_COUNT) -> VisualizeResult:
     """Draw ``count`` evenly spaced training samples or test cases with the model's predictions (module docstring)."""
     if split not in SPLITS:
         raise ConfigError(f"--visualize: {split!r} is not one of {', '.join(SPLITS)}")
@@ -110,7 +105,7 @@ def visualize(config: Config, split: str, checkpoint: Optional[Path] = None, cou
         rows, total = _test_rows(config, manifest, model, preprocessing, count)
         title = "Test cases (predicted as the predict stage does)"
     spread = f"all {total}" if len(rows) == total else f"{len(rows)} of {total}, evenly spaced"
-    path = grid_figure(rows, manifest.classes, figure_path(config.stage_dir("predict"), split),
+    path = grid_figure(rows, manifest.classes, layout.visualization_path(config.stage_dir("predict"), split),
                        f"{title}: {spread}\nmodel: {_shorten(str(model_path), 70)}")
     return VisualizeResult(path, split, len(rows), total, model_path)
 
@@ -196,7 +191,7 @@ def _test_rows(config: Config, manifest: Manifest, model, preprocessing: dict, c
             raise FileNotFoundError(f"{images_dir.parent}: test case {case_id} missing; run the preload stage again")
         paths = image_files[case_id]
         image = io.read_channels(paths)
-        pred = inference._predict_image(model, image.array, len(paths), preprocessing, config.predict.batch_size)
+        pred = inference.predict_image(model, image.array, len(paths), preprocessing, config.predict.batch_size)
         truth = io.read_mask(label_files[case_id], reference=image).array
         note, array, spacing = "", image.array, image.spacing
         if truth.ndim == 3:
@@ -276,7 +271,8 @@ def plane_with_most_foreground(labels: np.ndarray, axis: int, fallback: Optional
     return labels.shape[axis] // 2
 
 
-def display_window(preprocessing: dict, configured: Optional[Sequence[float]] = None) -> Optional[tuple[float, float]]:
+def display_window(preprocessing: dict,
+                   configured: Optional[Sequence[float]] = None) -> Optional[tuple[float, float]]:
     """The grey window for raw images: ``evaluate.display_window`` if set, else the first channel's CT
     window, else None (each image's 1st-99th percentile)."""
     if configured is not None:

@@ -1,12 +1,13 @@
-"""Evaluate: Dice, IoU, Hausdorff, HD95, ASSD, NSD and clinical measures per test image and class.
+"""Evaluate: Dice, IoU, Hausdorff, HD95, ASSD, NSD and clinical measures per test case and class.
 
 Three modes:
 
   segmenter evaluate [--config FILE]
-      an experiment: reads the preloaded test split and experiments/<experiment>/predict/test/; writes
-      experiments/<experiment>/evaluate/ (metrics.csv, summary.json, figures/, report.html).
+      an experiment: the folder evaluation (below) of the preloaded test cases' label maps (test/labels, with
+      test/images) against experiments/<experiment>/predict/test/; writes experiments/<experiment>/evaluate/
+      (metrics.csv, summary.json, pairs.json, figures/, report.html). Volumes are scored whole, in 3D.
   segmenter evaluate --truth DIR --pred DIR --out DIR [--classes background,liver] [--spacing 0.8,0.8]
-                     [--images DIR [--window=-200,200]]
+                     [--images DIR [--window=-200,200]] [--hd95 max_directed|pooled]
       any two folders of masks (PNG, NPY, CSV, NIfTI, DICOM), paired by file name without the suffix;
       spacing from NIfTI/DICOM headers, else --spacing, else pixels. With --images (same names), the
       mean intensity inside each mask (HU for CT) and figures drawn on the image in --window.
@@ -80,6 +81,9 @@ def main(argv=None, prog=None) -> int:
                               "'=': the value starts with a minus); default: each image's 1st-99th percentile")
     folders.add_argument("--nsd-tolerance", type=_tolerance, default=2.0, metavar="DISTANCE",
                          help="normalised surface Dice tolerance, mm (pixels without spacing); default 2")
+    folders.add_argument("--hd95", choices=["max_directed", "pooled"], default=None,
+                         help="HD95 as the larger of the two directed 95th percentiles (default; MONAI, DeepMind's "
+                              "surface-distance) or the percentile of both directions pooled (medpy)")
     compare = parser.add_argument_group("comparing runs (no --config)")
     compare.add_argument("--compare", nargs="+", type=Path, metavar="RUN_DIR",
                          help="two or more folders holding metrics.csv and summary.json")
@@ -87,7 +91,8 @@ def main(argv=None, prog=None) -> int:
                         help="output folder of the --truth/--pred and --compare modes")
     args = parser.parse_args(argv)
 
-    folder_options = args.truth or args.pred or args.classes or args.spacing or args.images or args.window
+    folder_options = (args.truth or args.pred or args.classes or args.spacing or args.images or args.window
+                      or args.hd95)
     if (args.compare or folder_options) and (args.config or args.overrides):
         parser.error("--config and --set belong to the experiment mode, not to --truth/--pred or --compare")
     if args.compare:
@@ -108,7 +113,8 @@ def main(argv=None, prog=None) -> int:
 
         return cli.run_stage(lambda: mask_folders.evaluate_folders(
             args.truth, args.pred, args.out, class_names=args.classes, spacing=args.spacing,
-            images_dir=args.images, display_window=args.window, nsd_tolerance=args.nsd_tolerance))
+            images_dir=args.images, display_window=args.window, nsd_tolerance=args.nsd_tolerance,
+            hd95=args.hd95 or "max_directed"))
     if args.out:
         parser.error("--out belongs to the --truth/--pred and --compare modes; an experiment writes to "
                      "experiments/<experiment>/evaluate/")

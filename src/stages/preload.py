@@ -1,6 +1,7 @@
 """Preload: read the original dataset, validate it and write the preloaded dataset, split into train and test.
 
-Reads preload.input_dir; writes <paths.preloaded_root>/<experiment>/ (train.npz, test.npz, manifest.json).
+Reads preload.input_dir; writes <paths.preloaded_root>/<experiment>/ (manifest.json, train.npz with the
+training samples, test/images and test/labels with the whole test cases).
 """
 from segmenter import cli
 

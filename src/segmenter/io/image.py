@@ -68,7 +68,13 @@ def check_numeric_array(array: np.ndarray, path: Path) -> np.ndarray:
 def as_image(loaded: LoadedImage) -> LoadedImage:
     """Checked copy of ``loaded`` with a float32 array."""
     array = check_numeric_array(np.asarray(loaded.array), loaded.source)
-    return LoadedImage(array.astype(np.float32, copy=False), loaded.spacing, loaded.affine, loaded.source)
+    with np.errstate(over="ignore"):
+        converted = array.astype(np.float32, copy=False)
+    if converted.dtype != array.dtype and np.issubdtype(array.dtype, np.floating) \
+            and not np.all(np.isfinite(converted)):  # finite float64 beyond float32's +-3.4e38
+        raise InputError(loaded.source, f"has values beyond the float32 range (+-3.4e38), e.g. "
+                                        f"{array.flat[np.flatnonzero(~np.isfinite(converted))[0]]:g}")
+    return LoadedImage(converted, loaded.spacing, loaded.affine, loaded.source)
 
 
 def as_mask(loaded: LoadedImage) -> LoadedImage:

@@ -66,6 +66,8 @@ def find_cases(config: Config, log=print) -> list[CaseFiles]:
                 if not path.exists():
                     raise InputError(path, "listed in preload.pairs but not found")
             case = io.case_id(image_path)
+            if any(earlier.case_id == case for earlier in cases):
+                raise InputError(image_path, f"preload.pairs lists two images with the case id {case!r}")
             cases.append(CaseFiles(case, (image_path,), mask_path, group_id(case, settings.group_pattern)))
         found = cases
     else:

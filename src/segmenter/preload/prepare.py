@@ -95,22 +95,21 @@ def case_record(case: CaseFiles, loaded: LoadedCase, slab: Optional[tuple[int, i
     """The manifest's record of a case: provenance, geometry, the labels present and where each class lies."""
     counts = np.bincount(loaded.mask.ravel(), minlength=1)
     present = np.flatnonzero(counts).tolist()
+    foreground = [label for label in present if label]
     boxes = {}
-    for label in present:
-        if label == 0:
-            continue
-        selected = loaded.mask == label
-        box = []
-        for axis in range(selected.ndim):
-            indices = np.flatnonzero(selected.any(axis=tuple(a for a in range(selected.ndim) if a != axis)))
-            box.append([int(indices[0]), int(indices[-1])])
-        boxes[label] = box
+    if foreground:
+        # One pass over the foreground's coordinates instead of one pass over the whole mask per class.
+        coordinates = np.nonzero(loaded.mask)
+        labels = loaded.mask[coordinates]
+        for label in foreground:
+            selected = labels == label
+            boxes[label] = [[int(axis[selected].min()), int(axis[selected].max())] for axis in coordinates]
     return CaseRecord(
         id=loaded.case_id, group=case.group_id, images=[str(path) for path in case.image_paths],
         mask=str(case.mask_path), shape=list(loaded.spatial_shape),
         spacing=None if loaded.spacing is None else [float(value) for value in loaded.spacing],
         affine=None if loaded.affine is None else np.asarray(loaded.affine, dtype=float).tolist(),
-        labels=present, class_voxels={label: int(counts[label]) for label in present if label},
+        labels=present, class_voxels={label: int(counts[label]) for label in foreground},
         class_boxes=boxes, slab=None if slab is None else list(slab),
         output_suffix=output_suffix(case.image_paths[0], loaded.mask.ndim),
     )

@@ -76,6 +76,9 @@ def preload(config: Config, overwrite: bool = False, skip_invalid: Optional[bool
             if old is not None:
                 return PreloadResult(output_dir, len(old.train.cases), old.train.num_samples, len(old.test.cases),
                                      old.skipped, up_to_date=True)
+        # The workers start (each imports the readers, about a second) while this process splits the cases
+        # (scikit-learn's import, one to two seconds).
+        workers.start()
         split = split_cases(cases, config, log)
         with atomic_directory(output_dir) as tmp_dir, _stopped_on_error(workers):
             layout.test_images_dir(tmp_dir).mkdir(parents=True)

@@ -113,6 +113,11 @@ class Workers:
         self.parallel = processes > 0
         self._pool = None
 
+    def start(self) -> None:
+        """Start the worker processes now (they start on first use otherwise); nothing without workers."""
+        if self.parallel:
+            self._started()
+
     def _started(self):
         if self._pool is None:
             # "spawn" because a forked child of a process that has TensorFlow loaded (tests, notebooks) can hang.
