@@ -174,6 +174,22 @@ CONFIG = {
         "mixed_precision": False,
         # Training steps per compiled call; > 1 lowers per-step overhead for small images.
         "steps_per_execution": 1,
+        # Share of the training set (whole patients/volumes, drawn with the seed) held out to validate each
+        # epoch (val_ columns in history.csv, TensorBoard, the curves); 0.0: none, all slices train.
+        "validation_fraction": 0.0,
+        # Which model becomes model.keras: "best" (checkpoints/best.keras: highest validation mean
+        # foreground Dice, or lowest training loss without validation) or "last"; None: "best" when
+        # validation_fraction > 0, else "last".
+        "keep": None,
+        # Learning rate per epoch: "constant", "poly" (nnU-Net: lr * (1 - epoch / epochs) ** 0.9) or
+        # "cosine" (down to 0 at the last epoch), after warmup_epochs epochs rising linearly to lr.
+        "lr_schedule": "constant",
+        "warmup_epochs": 0,
+        # Stop after this many epochs without a better validation Dice (training loss without validation);
+        # None: never early.
+        "early_stopping_patience": None,
+        # Clip each gradient to this L2 norm (the optimizer's clipnorm); None: no clipping.
+        "gradient_clip_norm": None,
     },
     # ------------------------------------------------------------------------------------------------
     # 4. predict -> experiments/<experiment>/predict/test/ and predict/<input folder>/ for --input

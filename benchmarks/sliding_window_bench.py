@@ -119,7 +119,7 @@ def time_monai(volume, args) -> dict:
     except Exception as error:  # noqa: BLE001 - any import failure means "not installed here"
         return {"skipped": f"torch/monai not importable ({type(error).__name__}: {error}); "
                            "pip install -e '.[bench]' "
-                           "(CPU-only torch: --index-url https://download.pytorch.org/whl/cpu)"}
+                           "(CPU-only torch: from PyTorch's CPU wheel index)"}
 
     class Block(torch.nn.Sequential):
         def __init__(self, cin, cout):

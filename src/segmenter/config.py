@@ -136,6 +136,16 @@ class TrainConfig(_Section):
     use_tuned_hyperparameters: bool = True
     mixed_precision: bool = False
     steps_per_execution: int = Field(1, ge=1)
+    # Share of the training set (whole patients/volumes, drawn with the seed) held out to validate each
+    # epoch; 0.0: none.
+    validation_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    # Which model becomes model.keras: "best" (checkpoints/best.keras) or "last"; None: "best" when there
+    # is validation, else "last".
+    keep: Optional[Literal["best", "last"]] = None
+    lr_schedule: Literal["constant", "poly", "cosine"] = "constant"
+    warmup_epochs: int = Field(0, ge=0)
+    early_stopping_patience: Optional[int] = Field(None, ge=1)
+    gradient_clip_norm: Optional[float] = Field(None, gt=0.0)
 
 
 class TuneConfig(_Section):

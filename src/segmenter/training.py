@@ -4,8 +4,10 @@
 
     model.keras               the final model (loads with keras.models.load_model after ``import segmenter``)
     checkpoints/last.keras    the model and optimizer state after the last finished epoch
-    checkpoints/state.json    the epoch and elapsed time that checkpoint belongs to (for --resume)
-    history.csv               one row per epoch (Keras CSVLogger)
+    checkpoints/best.keras    the same after the best epoch (validation mean foreground Dice, else loss)
+    checkpoints/state.json    the epoch, elapsed time and best epoch that checkpoint belongs to (for --resume)
+    checkpoints/settings.json the settings the checkpoints were trained with (--resume refuses others)
+    history.csv               one row per epoch (Keras CSVLogger), with val_ columns and the learning rate
     tensorboard/              TensorBoard logs
     training_curves.png       loss and Dice per epoch
     hyperparameters.json      the settings the model was trained with, and where they came from
@@ -15,17 +17,20 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import keras
+import numpy as np
 
 from segmenter import layout, locks, losses, metrics, models
 from segmenter.artifacts import atomic_file, read_json, save_resolved_config, write_json_atomic, write_text_atomic
 from segmenter.config import AugmentationConfig, Config, ConfigError, ModelConfig, TrainConfig
-from segmenter.data_pipeline import make_dataset
+from segmenter.data_pipeline import batch_for_training, epochs_dataset, samples_dataset
+from segmenter.errors import InputError
 from segmenter.manifest import check_classes, read_manifest
 
 OBJECTIVE = "mean_foreground_dice"
@@ -73,11 +78,28 @@ def configure_precision(train: TrainConfig) -> None:
 
 
 def make_optimizer(train: TrainConfig) -> keras.optimizers.Optimizer:
+    clip = {"clipnorm": train.gradient_clip_norm} if train.gradient_clip_norm is not None else {}
     if train.optimizer == "adamw":
-        return keras.optimizers.AdamW(learning_rate=train.learning_rate, weight_decay=train.weight_decay)
+        return keras.optimizers.AdamW(learning_rate=train.learning_rate, weight_decay=train.weight_decay, **clip)
     if train.optimizer == "adam":
-        return keras.optimizers.Adam(learning_rate=train.learning_rate)
-    return keras.optimizers.SGD(learning_rate=train.learning_rate, momentum=0.99, nesterov=True)
+        return keras.optimizers.Adam(learning_rate=train.learning_rate, **clip)
+    return keras.optimizers.SGD(learning_rate=train.learning_rate, momentum=0.99, nesterov=True, **clip)
+
+
+def learning_rate_at(train: TrainConfig, epoch: int) -> float:
+    """The learning rate of epoch ``epoch`` (from 0) under ``train.lr_schedule`` and ``train.warmup_epochs``.
+
+    A function of the epoch alone, so a resumed run continues the schedule where it stopped.
+    """
+    base, warmup = train.learning_rate, train.warmup_epochs
+    if epoch < warmup:
+        return base * (epoch + 1) / (warmup + 1)
+    progress = min(1.0, (epoch - warmup) / max(1, train.epochs - warmup))
+    if train.lr_schedule == "poly":
+        return base * (1.0 - progress) ** 0.9
+    if train.lr_schedule == "cosine":
+        return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return base
 
 
 def build_compiled_model(train: TrainConfig, input_shape, class_names: list[str]) -> keras.Model:
@@ -116,23 +138,80 @@ class TimeBudget(keras.callbacks.Callback):
             self.stopped_early = True
 
 
+class DivergenceGuard(keras.callbacks.TerminateOnNaN):
+    """Keras' TerminateOnNaN that also remembers the epoch (from 0) whose loss became NaN or infinite."""
+
+    def __init__(self):
+        super().__init__()
+        self.epoch = 0
+        self.diverged_epoch: Optional[int] = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(float(loss)):
+            self.diverged_epoch = self.epoch
+        super().on_batch_end(batch, logs)
+
+
+class TrainingDiverged(InputError):
+    """The loss became NaN or infinite; nothing of that run replaced model.keras (exit status 1)."""
+
+
+def _finite(value) -> bool:
+    try:
+        return value is not None and bool(np.isfinite(float(value)))
+    except (TypeError, ValueError):
+        return False
+
+
 class AtomicCheckpoint(keras.callbacks.Callback):
     """Saves model and optimizer after every epoch under a temporary name, then renames it into place.
 
     Keras' ModelCheckpoint writes in place, so an interruption while saving leaves a corrupt file; this
-    one never does, and records the epoch and elapsed time that ``--resume`` continues from.
+    one never does, and records the epoch and elapsed time that ``--resume`` continues from. It also keeps
+    the best epoch's model (``monitor``, higher is better for ``mode="max"``) as best.keras, the settings
+    beside the checkpoints, and stops training after ``patience`` epochs without a better ``monitor``.
+    An epoch whose loss is not finite is never saved.
     """
 
-    def __init__(self, folder: Path, time_budget: TimeBudget):
+    def __init__(self, folder: Path, time_budget: TimeBudget, *, settings: Optional[dict] = None,
+                 monitor: str = "loss", mode: str = "min", best: Optional[dict] = None,
+                 patience: Optional[int] = None):
         super().__init__()
         self.folder = Path(folder)
         self.time_budget = time_budget
+        self.settings = settings
+        self.monitor, self.mode, self.patience = monitor, mode, patience
+        self.best = best or {"monitor": monitor, "value": None, "epoch": 0}
+        self.stopped_early = False
+
+    def _improved(self, value) -> bool:
+        if not _finite(value):
+            return False
+        best = self.best["value"]
+        return best is None or (float(value) > best if self.mode == "max" else float(value) < best)
 
     def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        if not _finite(logs.get("loss", 0.0)):
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
+        if self._improved(logs.get(self.monitor)):
+            save_model_atomic(self.model, self.folder / layout.BEST_CHECKPOINT)
+            self.best = {"monitor": self.monitor, "value": float(logs[self.monitor]), "epoch": epoch + 1}
         save_model_atomic(self.model, self.folder / layout.LAST_CHECKPOINT)
-        write_json_atomic({"epoch": epoch + 1, "elapsed_s": self.time_budget.elapsed_s(), "metrics": logs or {}},
-                          self.folder / layout.CHECKPOINT_STATE)
+        if self.settings is not None:
+            write_json_atomic(self.settings, self.folder / layout.CHECKPOINT_SETTINGS)
+        write_json_atomic({"epoch": epoch + 1, "elapsed_s": self.time_budget.elapsed_s(), "metrics": logs,
+                           "best": self.best}, self.folder / layout.CHECKPOINT_STATE)
+        if self.patience is not None and epoch + 1 - self.best["epoch"] >= self.patience:
+            self.model.stop_training = True
+            self.stopped_early = True
+            print(f"Early stopping: no better {self.monitor} in the {self.patience} epochs since epoch "
+                  f"{self.best['epoch']}")
 
 
 class EncoderUnfreeze(keras.callbacks.Callback):
@@ -200,6 +279,50 @@ class TrainResult:
                 f"settings from {self.settings_source}; {shown}\n{self.model_path}")
 
 
+#: Settings a --resume may change: it may extend a run.
+RESUMABLE_CHANGES = ("train.epochs", "train.time_budget_minutes")
+
+
+def _flatten(values: dict, prefix: str) -> dict:
+    flat = {}
+    for name, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
+
+def checkpoint_settings(config: Config, train: TrainConfig) -> dict:
+    """What the checkpoints depend on, by dotted name: the seed and the resolved train settings."""
+    return {"seed": config.seed, **_flatten(train.model_dump(mode="json"), "train.")}
+
+
+def check_resume_settings(saved: dict, current: dict) -> None:
+    """Refuse (one line) to resume a checkpoint trained with other settings, epochs and time budget aside."""
+    changed = [name for name in sorted(set(saved) | set(current))
+               if name not in RESUMABLE_CHANGES and saved.get(name) != current.get(name)]
+    if changed:
+        shown = ", ".join(f"{name} {saved.get(name)!r} -> {current.get(name)!r}" for name in changed)
+        raise ConfigError(f"--resume: the settings differ from the checkpoint's ({shown}); resume with the "
+                          f"checkpoint's settings, or train without --resume to start over")
+
+
+def validation_split(config: Config, fraction: float) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+    """(train, validation) indices into the training samples, whole patients/volumes drawn with the seed;
+    (None, None) for ``fraction`` 0."""
+    if fraction <= 0:
+        return None, None
+    from segmenter.preprocessing import split_train_test
+    from segmenter.tuning import _training_slices  # the tune stage's grouping of the samples
+
+    ids, groups, foreground = _training_slices(config)
+    try:
+        return split_train_test(ids, groups, foreground, fraction, config.seed)
+    except ValueError as error:
+        raise ConfigError(f"train.validation_fraction: {error}") from None
+
+
 @locks.locked("train")
 def train_final_model(config: Config, resume: bool = False) -> TrainResult:
     """Train on the whole training split; see the module docstring for what is written."""
@@ -209,18 +332,26 @@ def train_final_model(config: Config, resume: bool = False) -> TrainResult:
     out_dir = config.stage_dir("train")
     checkpoint_dir = out_dir / layout.CHECKPOINTS
     last_checkpoint = checkpoint_dir / layout.LAST_CHECKPOINT
+    best_checkpoint = checkpoint_dir / layout.BEST_CHECKPOINT
     state_path = checkpoint_dir / layout.CHECKPOINT_STATE
+    settings_path = checkpoint_dir / layout.CHECKPOINT_SETTINGS
     history_csv = layout.history_path(out_dir)
+    settings = checkpoint_settings(config, train_settings)
     keras.utils.set_random_seed(config.seed)
 
-    dataset, num_slices = make_dataset(config.preloaded_dir, config.num_classes, train_settings.batch_size,
-                                       augmentation=train_settings.augmentation, shuffle=True, seed=config.seed)
+    train_indices, validation_indices = validation_split(config, train_settings.validation_fraction)
+    validating = validation_indices is not None
+    monitor, mode = (f"val_{OBJECTIVE}", "max") if validating else ("loss", "min")
+    keep = train_settings.keep or ("best" if validating else "last")
     input_shape = (*manifest.sample_size, len(manifest.channels))
 
-    initial_epoch, spent_s = 0, 0.0
+    initial_epoch, spent_s, best = 0, 0.0, None
     if resume and last_checkpoint.is_file() and state_path.is_file():
+        if settings_path.is_file():
+            check_resume_settings(read_json(settings_path), settings)
         state = read_json(state_path)
         initial_epoch, spent_s = int(state["epoch"]), float(state["elapsed_s"])
+        best = state.get("best") if (state.get("best") or {}).get("monitor") == monitor else None
         configure_precision(train_settings)
         model = keras.models.load_model(last_checkpoint)
         _drop_history_after(history_csv, initial_epoch)
@@ -229,7 +360,7 @@ def train_final_model(config: Config, resume: bool = False) -> TrainResult:
         if resume:
             print(f"No checkpoint in {checkpoint_dir}; starting from scratch")
         if out_dir.exists():
-            for stale in [last_checkpoint, state_path, history_csv]:
+            for stale in [last_checkpoint, best_checkpoint, state_path, settings_path, history_csv]:
                 stale.unlink(missing_ok=True)
             shutil.rmtree(out_dir / layout.TENSORBOARD, ignore_errors=True)
         try:
@@ -240,23 +371,46 @@ def train_final_model(config: Config, resume: bool = False) -> TrainResult:
             models.set_encoder_trainable(model, False)
             compile_model(model, train_settings, config.classes)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # Each epoch's order and augmentation depend on (seed, epoch) alone: runs repeat, resumes continue.
+    samples, num_slices = samples_dataset(config.preloaded_dir, train_indices)
+    dataset = epochs_dataset(samples, num_slices, config.num_classes, train_settings.batch_size,
+                             first_epoch=initial_epoch, epochs=train_settings.epochs,
+                             augmentation=train_settings.augmentation, shuffle=True, seed=config.seed)
+    validation_data = None
+    if validating:
+        held_out, num_held_out = samples_dataset(config.preloaded_dir, validation_indices)
+        validation_data = batch_for_training(held_out, num_held_out, config.num_classes, train_settings.batch_size)
+        print(f"Validating on {num_held_out} of {num_slices + num_held_out} training slices "
+              f"(train.validation_fraction {train_settings.validation_fraction})")
 
+    out_dir.mkdir(parents=True, exist_ok=True)
     time_budget = TimeBudget(train_settings.time_budget_minutes, already_spent_s=spent_s)
-    callbacks = [
-        time_budget,
+    guard = DivergenceGuard()
+    checkpoint = AtomicCheckpoint(checkpoint_dir, time_budget, settings=settings, monitor=monitor, mode=mode,
+                                  best=best, patience=train_settings.early_stopping_patience)
+    callbacks = [time_budget, guard]
+    if train_settings.model.freeze_encoder_epochs > initial_epoch:
+        # Before the scheduler: unfreezing recompiles with a fresh optimizer at the base learning rate.
+        callbacks.append(EncoderUnfreeze(train_settings.model.freeze_encoder_epochs, train_settings, config.classes))
+    callbacks += [
+        # Sets the epoch's learning rate and logs it ("learning_rate" in history.csv).
+        keras.callbacks.LearningRateScheduler(lambda epoch, _lr: learning_rate_at(train_settings, epoch)),
+        checkpoint,
         keras.callbacks.CSVLogger(str(history_csv), append=initial_epoch > 0),
         keras.callbacks.TensorBoard(log_dir=str(out_dir / layout.TENSORBOARD), write_graph=False),
-        AtomicCheckpoint(checkpoint_dir, time_budget),
     ]
-    if train_settings.model.freeze_encoder_epochs > initial_epoch:
-        callbacks.append(EncoderUnfreeze(train_settings.model.freeze_encoder_epochs, train_settings, config.classes))
 
     started = time.monotonic()
     history = model.fit(dataset, epochs=train_settings.epochs, initial_epoch=initial_epoch, callbacks=callbacks,
-                        shuffle=False, verbose=2)  # The dataset shuffles itself.
+                        steps_per_epoch=max(1, math.ceil(num_slices / train_settings.batch_size)),
+                        validation_data=validation_data, shuffle=False, verbose=2)  # The dataset shuffles itself.
     seconds = time.monotonic() - started
     epochs_done = len(history.epoch)
+    model_path = layout.model_path(out_dir)
+    if guard.diverged_epoch is not None:
+        kept = "the earlier model.keras is kept" if model_path.is_file() else "no model.keras was written"
+        raise TrainingDiverged(None, f"training diverged (loss NaN at epoch {guard.diverged_epoch + 1}); "
+                                     f"{kept}; try a lower learning rate")
     # The files that describe model.keras are replaced together with it, only once training succeeded,
     # so a failed run never pairs an earlier model with a later run's settings.
     save_resolved_config(config, config.experiment_dir)
@@ -266,7 +420,12 @@ def train_final_model(config: Config, resume: bool = False) -> TrainResult:
     # What inference needs to prepare new images exactly as the training slices were prepared.
     write_json_atomic({**manifest.preprocessing, "classes": config.classes, "channels": manifest.channels,
                        "preload_fingerprint": manifest.fingerprint}, layout.preprocessing_path(out_dir))
-    model_path = save_model_atomic(model, layout.model_path(out_dir))
+    if keep == "best" and best_checkpoint.is_file():
+        with atomic_file(model_path) as tmp:
+            shutil.copyfile(best_checkpoint, tmp)
+        print(f"model.keras: the best epoch, {checkpoint.best['epoch']} ({monitor} {checkpoint.best['value']:.4f})")
+    else:
+        save_model_atomic(model, model_path)
 
     from segmenter.evaluation.figures import training_curves_figure
 
