@@ -109,9 +109,10 @@ def write_report(
     distance = _UNIT_TEXT.get(summary.get("distance_unit", "pixels"), summary.get("distance_unit", ""))
     area = _UNIT_TEXT.get(summary.get("area_unit", "pixels"), summary.get("area_unit", ""))
     tolerance = _find_key(config, "nsd_tolerance")
+    hd95 = _find_key(config, "hd95") or "max_directed"
     sections: list[tuple[str, str]] = []  # (heading, body html)
 
-    sections.append(("Results per class", _results_section(summary, distance, tolerance)))
+    sections.append(("Results per class", _results_section(summary, distance, tolerance, hd95)))
     for heading, entries in figures.items():
         sections.append((heading, _figures_html(heading, entries)))
     if tuning_table is not None:
@@ -129,12 +130,13 @@ def write_report(
     ))
 
     n_images = summary.get("n_images", table["image_id"].nunique() if "image_id" in table else 0)
-    overview = f"<p>{_e(n_images)} test images. Distances in <b>{_e(distance)}</b>, areas in <b>{_e(area)}</b>"
+    cases = "volumes" if summary.get("area_unit") == "cm3" else "cases"
+    sizes = "volumes" if summary.get("area_unit") == "cm3" else "areas"
+    overview = (f"<p>{_e(n_images)} test {cases}. Distances in <b>{_e(distance)}</b>, {sizes} in "
+                f"<b>{_e(area)}</b>")
     if tolerance is not None:
         overview += f", normalised surface Dice at a tolerance of <b>{_e(_number(tolerance))} {_e(distance)}</b>"
     overview += "."
-    if summary.get("resolution") == "original":
-        overview += " Scored on each image's original grid (the model ran on resized copies)."
     overview += "</p>"
     return write_text_atomic(_page(title, overview, sections), Path(path))
 
@@ -199,7 +201,17 @@ def _page(title: str, overview: str, sections: Sequence[tuple[str, str]]) -> str
     )
 
 
-def _results_section(summary: Mapping[str, Any], distance: str, tolerance: Optional[float]) -> str:
+_HD95_TEXT = {
+    "max_directed": "The larger of the two directed 95th percentiles (true outline to predicted, predicted to true) "
+                    "of the distances between the two outlines, as MONAI and DeepMind's surface-distance compute it: "
+                    "the worst boundary error once the 5% most extreme points of each direction are ignored.",
+    "pooled": "The 95th percentile of all distances between the two outlines, both directions pooled (medpy): the "
+              "worst boundary error once the 5% most extreme points are ignored.",
+}
+
+
+def _results_section(summary: Mapping[str, Any], distance: str, tolerance: Optional[float],
+                     hd95: str = "max_directed") -> str:
     rows = []
     count_rows = []
     for class_name, stats in summary.get("classes", {}).items():
@@ -230,8 +242,7 @@ def _results_section(summary: Mapping[str, Any], distance: str, tolerance: Optio
 <dt>IoU (Jaccard)</dt><dd>Shared area / combined area; always ≤ Dice.</dd>
 <dt>Hausdorff distance ({_e(distance)})</dt><dd>The largest distance between the true and the predicted
 outline: the single worst boundary error.</dd>
-<dt>HD95 ({_e(distance)})</dt><dd>The 95th percentile of all distances between the two outlines (both directions
-pooled): the worst boundary error once the 5% most extreme points are ignored.</dd>
+<dt>HD95 ({_e(distance)})</dt><dd>{_HD95_TEXT[hd95]}</dd>
 <dt>ASSD ({_e(distance)})</dt><dd>Average symmetric surface distance: the mean distance between the two
 outlines.</dd>
 <dt>NSD</dt><dd>Normalised surface Dice: the fraction of both outlines lying within {_e(tolerance_text)} of the
