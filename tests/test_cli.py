@@ -259,3 +259,35 @@ def test_gpu_install_path_matches_the_cpu_one():
     gpu_pip = next(d["pip"] for d in gpu["dependencies"] if isinstance(d, dict))
     assert cpu_pip == ["-e .[test]"] and gpu_pip == ["-e .[test,gpu]"]
     assert gpu["name"] != cpu["name"]
+
+
+def test_stages_without_tensorflow_name_their_device_too(tmp_path, tiny_ct_dataset):
+    from tests.conftest import tiny_ct_config, write_config
+
+    config_path = write_config(tmp_path, tiny_ct_config(tiny_ct_dataset, tmp_path))
+    result = run_plain("preload", "--config", str(config_path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == f"Running on CPU ({len(os.sched_getaffinity(0))} cores; this stage " \
+                                            "does not use TensorFlow)"
+
+
+def test_an_interrupted_first_training_run_can_be_resumed_from_its_folder(tmp_path, tiny_ct_dataset, monkeypatch):
+    """train writes the experiment's config.resolved.json before it fits, so --resume experiments/<name> works."""
+    import keras
+
+    from segmenter import training
+    from segmenter.preload import preload
+    from tests.conftest import tiny_ct_config
+
+    config = build_config(tiny_ct_config(tiny_ct_dataset, tmp_path))
+    preload(config, log=lambda *_: None)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(keras.Model, "fit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        training.train_final_model(config)
+    resolved = config.experiment_dir / "config.resolved.json"
+    assert resolved.is_file()
+    assert cli.load_config_or_exit(argparse.Namespace(config=config.experiment_dir, overrides=[])).experiment == "tiny_ct"

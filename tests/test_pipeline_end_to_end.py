@@ -66,12 +66,12 @@ def test_tune_artifacts(finished_run):
 def test_train_artifacts(finished_run):
     work, _, outputs = finished_run
     train = work / "experiments" / "tiny_ct" / "train"
-    for name in ("model.keras", "checkpoints/last.keras", "history.csv", "training_curves.png",
-                 "preprocessing.json", "config.resolved.json", "hyperparameters.json"):
+    for name in ("model/model.keras", "checkpoints/last.keras", "history.csv", "training_curves.png",
+                 "model/preprocessing.json", "model/config.resolved.json", "model/hyperparameters.json"):
         assert (train / name).is_file(), name
     assert len(pd.read_csv(train / "history.csv")) == 2
     assert any((train / "tensorboard").rglob("events.out.tfevents*"))
-    assert json.loads((train / "hyperparameters.json").read_text())["source"].startswith("tuned")
+    assert json.loads((train / "model" / "hyperparameters.json").read_text())["source"].startswith("tuned")
     assert (work / "experiments" / "tiny_ct" / "config.resolved.json").is_file()
 
 

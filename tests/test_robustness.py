@@ -332,9 +332,9 @@ def _save_model(train_dir: Path, size=(16, 16), channels: int = 1, seed: int = 0
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((*size, channels))
     model = keras.Model(inputs, keras.layers.Conv2D(3, 1, activation="softmax")(inputs))
-    train_dir.mkdir(parents=True, exist_ok=True)
-    model.save(train_dir / layout.MODEL)
-    return train_dir / layout.MODEL
+    layout.model_dir(train_dir).mkdir(parents=True, exist_ok=True)
+    model.save(layout.model_path(train_dir))
+    return layout.model_path(train_dir)
 
 
 def _write_preprocessing(config, **changes) -> None:
@@ -342,7 +342,7 @@ def _write_preprocessing(config, **changes) -> None:
     manifest = read_manifest(config.preloaded_dir)
     record = {**manifest.preprocessing, "classes": config.classes, "channels": manifest.channels,
               "preload_fingerprint": manifest.fingerprint, **changes}
-    (config.stage_dir("train") / layout.PREPROCESSING).write_text(json.dumps(record))
+    layout.preprocessing_path(config.stage_dir("train")).write_text(json.dumps(record))
 
 
 @pytest.fixture()
@@ -369,7 +369,7 @@ def test_predictions_of_an_older_model_are_refused_by_evaluate(trained, capsys):
     train_dir = config.stage_dir("train")
     assert cli.run_stage(lambda: inference.predict_test_set(config)) == 0
     record = json.loads((config.stage_dir("predict") / "test" / layout.PREDICTIONS_RECORD).read_text())
-    assert record["model_sha256"] == sha256_of_file(train_dir / layout.MODEL)
+    assert record["model_sha256"] == sha256_of_file(layout.model_path(train_dir))
     assert record["preload_fingerprint"] == read_manifest(config.preloaded_dir).fingerprint
     assert cli.run_stage(lambda: pipeline.evaluate_experiment(config)) == 0
     capsys.readouterr()

@@ -64,3 +64,31 @@ def test_frozen_pretrained_encoder_is_unfrozen_after_warm_up(preloaded_config):
     model = keras.models.load_model(result.model_path)
     assert model.get_layer("encoder").trainable
     assert len(pd.read_csv(config.stage_dir("train") / "history.csv")) == 2
+
+
+def test_a_failed_final_save_keeps_the_earlier_model_with_its_own_files(preloaded_config, monkeypatch):
+    """model.keras, preprocessing.json, hyperparameters.json and config.resolved.json are one unit (train/model/):
+    a failure while the new ones are written leaves every file of the earlier run as it was."""
+    from segmenter import layout
+
+    config = preloaded_config.model_copy(deep=True)
+    config.train.epochs = 1
+    first = train_final_model(config)
+    bundle = layout.model_dir(config.stage_dir("train"))
+    before = {path.name: path.read_bytes() for path in bundle.iterdir()}
+    assert set(before) == {"model.keras", "preprocessing.json", "hyperparameters.json", "config.resolved.json"}
+
+    original_save = keras.Model.save
+
+    def fails_on_the_final_model(model, path, *args, **kwargs):
+        if path.name == layout.MODEL:  # checkpoints are saved under temporary names; the final model is not
+            raise OSError("disk gone")
+        return original_save(model, path, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "save", fails_on_the_final_model)
+    config.train.learning_rate = 0.02  # another run's settings, which must not end up beside the old model
+    with pytest.raises(OSError, match="disk gone"):
+        train_final_model(config)
+    assert {path.name: path.read_bytes() for path in bundle.iterdir()} == before
+    assert first.model_path == layout.model_path(config.stage_dir("train"))
+    assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".model.")]  # no temporary folder left

@@ -297,20 +297,28 @@ def describe_device() -> str:
         return f"Running on GPU: {names[0]}"
     if names:
         return f"Running on {len(names)} GPUs: {', '.join(names)}"
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
+    cores = _cpu_count()
     return f"Running on CPU ({cores} core{'s' if cores != 1 else ''})"
 
 
-def announce_device() -> str:
-    """Print once, on stdout, the device TensorFlow computes on; stages call it after importing TensorFlow."""
+def announce_device(uses_tensorflow: bool = True) -> str:
+    """Print once, on stdout, the device the stage computes on; stages call it after importing TensorFlow.
+
+    ``uses_tensorflow`` False (preload, evaluate: NumPy and SciPy only) says so without importing TensorFlow.
+    """
     global _announced
     if _announced is None:
-        _announced = describe_device()
+        _announced = describe_device() if uses_tensorflow else (
+            f"Running on CPU ({_cpu_count()} cores; this stage does not use TensorFlow)")
         print(_announced, flush=True)
     return _announced
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 # ----------------------------------------------------------------------------------------------------

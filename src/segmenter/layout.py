@@ -10,12 +10,13 @@
         test/labels/<case><.npy|.nii.gz>         their label maps (class indices)
     <paths.experiments_root>/<experiment>/
         .<stage>.lock                          each stage's lock, beside its folder (segmenter.locks)
-        config.resolved.json                   the last stage's resolved config (tune/, train/ and predict/
-                                               also keep their own)
+        config.resolved.json                   the last stage's resolved config (tune/, train/model/ and
+                                               predict/ also keep their own)
         tune/      trials.csv, best_hyperparameters.json, objective_vs_hyperparameters.png, validation_split.json,
                    tensorboard/, keras_tuner/
-        train/     model.keras, checkpoints/{last,best}.keras, checkpoints/{state,settings}.json, history.csv,
-                   tensorboard/, training_curves.png, hyperparameters.json, preprocessing.json
+        train/     model/{model.keras, preprocessing.json, hyperparameters.json, config.resolved.json} (one unit,
+                   replaced whole), checkpoints/{last,best}.keras, checkpoints/{state,settings}.json, history.csv,
+                   tensorboard/, training_curves.png
         predict/   test/<case><suffix>, <input folder>/<case><suffix>, each with predictions.json (and, for an
                    input folder, preview/<case>.png and preview/index.html); visualize_<split>.png
         evaluate/  metrics.csv, summary.json, figures/, report.html, pairs.json
@@ -45,6 +46,8 @@ TENSORBOARD = "tensorboard"
 KERAS_TUNER = "keras_tuner"
 
 # train
+#: The trained model and the files that describe it, replaced together as one folder (see training).
+MODEL_DIR = "model"
 MODEL = "model.keras"
 CHECKPOINTS = "checkpoints"
 LAST_CHECKPOINT = "last.keras"
@@ -97,12 +100,21 @@ def channel_file_stem(case_id: str, channel: int, num_channels: int) -> str:
     return case_id if num_channels == 1 else f"{case_id}_{channel:04d}"
 
 
+def model_dir(train_dir: Path) -> Path:
+    """``train/model/``: model.keras with its preprocessing.json, hyperparameters.json and config.resolved.json."""
+    return Path(train_dir) / MODEL_DIR
+
+
 def model_path(train_dir: Path) -> Path:
-    return Path(train_dir) / MODEL
+    return model_dir(train_dir) / MODEL
 
 
 def preprocessing_path(train_dir: Path) -> Path:
-    return Path(train_dir) / PREPROCESSING
+    return model_dir(train_dir) / PREPROCESSING
+
+
+def hyperparameters_path(train_dir: Path) -> Path:
+    return model_dir(train_dir) / HYPERPARAMETERS
 
 
 def history_path(train_dir: Path) -> Path:

@@ -2,7 +2,11 @@
 
 ``experiments/<experiment>/train/`` afterwards holds::
 
-    model.keras               the final model (loads with keras.models.load_model after ``import segmenter``)
+    model/                    the trained model as one unit, replaced whole only when training succeeded:
+      model.keras             the final model (loads with keras.models.load_model after ``import segmenter``)
+      hyperparameters.json    the settings the model was trained with, and where they came from
+      preprocessing.json      what inference needs to prepare new images as the training slices were
+      config.resolved.json
     checkpoints/last.keras    the model and optimizer state after the last finished epoch
     checkpoints/best.keras    the same after the best epoch (validation mean foreground Dice, else loss)
     checkpoints/state.json    the epoch, elapsed time and best epoch that checkpoint belongs to (for --resume)
@@ -10,9 +14,6 @@
     history.csv               one row per epoch (Keras CSVLogger), with val_ columns and the learning rate
     tensorboard/              TensorBoard logs
     training_curves.png       loss and Dice per epoch
-    hyperparameters.json      the settings the model was trained with, and where they came from
-    preprocessing.json        what inference needs to prepare new images as the training slices were
-    config.resolved.json
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ import keras
 import numpy as np
 
 from segmenter import layout, locks, losses, metrics, models
-from segmenter.artifacts import atomic_file, read_json, save_resolved_config, write_json_atomic, write_text_atomic
+from segmenter.artifacts import (atomic_directory, atomic_file, read_json, save_resolved_config, write_json_atomic,
+                                 write_text_atomic)
 from segmenter.config import AugmentationConfig, Config, ConfigError, ModelConfig, TrainConfig
 from segmenter.data_pipeline import batch_for_training, epochs_dataset, samples_dataset
 from segmenter.errors import InputError
@@ -384,6 +386,9 @@ def train_final_model(config: Config, resume: bool = False) -> TrainResult:
               f"(train.validation_fraction {train_settings.validation_fraction})")
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    # The experiment's resolved config names the run from its start, so that `segmenter train --resume
+    # experiments/<name>` finds it even when the first run is interrupted before it saves anything else.
+    save_resolved_config(config, config.experiment_dir)
     time_budget = TimeBudget(train_settings.time_budget_minutes, already_spent_s=spent_s)
     guard = DivergenceGuard()
     checkpoint = AtomicCheckpoint(checkpoint_dir, time_budget, settings=settings, monitor=monitor, mode=mode,
@@ -411,21 +416,22 @@ def train_final_model(config: Config, resume: bool = False) -> TrainResult:
         kept = "the earlier model.keras is kept" if model_path.is_file() else "no model.keras was written"
         raise TrainingDiverged(None, f"training diverged (loss NaN at epoch {guard.diverged_epoch + 1}); "
                                      f"{kept}; try a lower learning rate")
-    # The files that describe model.keras are replaced together with it, only once training succeeded,
-    # so a failed run never pairs an earlier model with a later run's settings.
+    # model.keras and the files that describe it are one unit (train/model/), written once training succeeded
+    # and swapped in whole: a kill at any instant leaves the earlier model with its own settings, or the new one.
     save_resolved_config(config, config.experiment_dir)
-    save_resolved_config(config, out_dir)
-    write_json_atomic({"source": source, "settings": train_settings.model_dump(mode="json")},
-                      out_dir / layout.HYPERPARAMETERS)
-    # What inference needs to prepare new images exactly as the training slices were prepared.
-    write_json_atomic({**manifest.preprocessing, "classes": config.classes, "channels": manifest.channels,
-                       "preload_fingerprint": manifest.fingerprint}, layout.preprocessing_path(out_dir))
-    if keep == "best" and best_checkpoint.is_file():
-        with atomic_file(model_path) as tmp:
-            shutil.copyfile(best_checkpoint, tmp)
-        print(f"model.keras: the best epoch, {checkpoint.best['epoch']} ({monitor} {checkpoint.best['value']:.4f})")
-    else:
-        save_model_atomic(model, model_path)
+    with atomic_directory(layout.model_dir(out_dir)) as bundle:
+        save_resolved_config(config, bundle)
+        write_json_atomic({"source": source, "settings": train_settings.model_dump(mode="json")},
+                          bundle / layout.HYPERPARAMETERS)
+        # What inference needs to prepare new images exactly as the training slices were prepared.
+        write_json_atomic({**manifest.preprocessing, "classes": config.classes, "channels": manifest.channels,
+                           "preload_fingerprint": manifest.fingerprint}, bundle / layout.PREPROCESSING)
+        if keep == "best" and best_checkpoint.is_file():
+            shutil.copyfile(best_checkpoint, bundle / layout.MODEL)
+            print(f"model.keras: the best epoch, {checkpoint.best['epoch']} ({monitor} "
+                  f"{checkpoint.best['value']:.4f})")
+        else:
+            model.save(bundle / layout.MODEL)
 
     from segmenter.evaluation.figures import training_curves_figure
 

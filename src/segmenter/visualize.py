@@ -7,7 +7,7 @@ Training samples are shown as the model sees them, from the shards (normalised, 
 cases are read from ``test/images`` and ``test/labels`` and predicted exactly as the predict stage predicts
 them (:mod:`segmenter.inference`), at their own geometry; of a volume the plane with the most true
 foreground along the slice axis is shown. The samples or cases are evenly spaced over the split (by
-position, never by their labels). The model is ``train/model.keras`` or any ``.keras`` checkpoint, e.g.
+position, never by their labels). The model is ``train/model/model.keras`` or any ``.keras`` checkpoint, e.g.
 ``train/checkpoints/last.keras`` while training runs. The figure goes to ``predict/visualize_<split>.png``.
 
 ``predict --input`` writes, beside the label maps, ``preview/<case>.png`` (the image in grey with the label
@@ -111,7 +111,7 @@ def visualize(config: Config, split: str, checkpoint: Optional[Path] = None,
 
 
 def _load_model(config: Config, manifest: Manifest, checkpoint: Optional[Path]):
-    """(model, preprocessing, path): train/model.keras with its preprocessing.json, or a checkpoint file
+    """(model, preprocessing, path): train/model/model.keras with its preprocessing.json, or a checkpoint file
     with the preloaded dataset's preprocessing (a checkpoint of a first training has no preprocessing.json yet)."""
     from segmenter import inference  # Keras, and the custom objects load_model needs: only here
 

@@ -121,6 +121,8 @@ def main(argv=None, prog=None) -> int:
     config = cli.load_config_or_exit(args)
     from segmenter.evaluation import pipeline
 
+    cli.announce_device(uses_tensorflow=False)
+
     return cli.run_stage(lambda: pipeline.evaluate_experiment(config))
 
 

@@ -1,6 +1,6 @@
 """Predict: masks for the test set, or with --input DIR for a folder of new, unlabelled images.
 
-Reads experiments/<experiment>/train/model.keras and the preloaded test cases; writes one label map per case,
+Reads experiments/<experiment>/train/model/model.keras and the preloaded test cases; writes one label map per case,
 in its source's format at its own geometry (NIfTI for volumes and DICOM), to experiments/<experiment>/predict/test/,
 or predict/<DIR name>/ for --input, with preview/<case>.png and preview/index.html to look at them. With
 --format dicom-seg, a DICOM series input also gets <case>.seg.dcm. With --visualize train|test it predicts no
@@ -27,7 +27,7 @@ def main(argv=None, prog=None) -> int:
                              "truth, prediction and overlay to experiments/<experiment>/predict/visualize_<split>.png")
     parser.add_argument("--checkpoint", type=Path, default=None, metavar="PATH",
                         help="with --visualize: the model to draw, a .keras file such as "
-                             "experiments/<experiment>/train/checkpoints/last.keras (default: train/model.keras)")
+                             "experiments/<experiment>/train/checkpoints/last.keras (default: train/model/model.keras)")
     parser.add_argument("--count", type=int, default=None, metavar="N",
                         help="with --visualize: how many samples or cases to draw, 1 to 48 (default 8)")
     args = parser.parse_args(argv)

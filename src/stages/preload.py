@@ -15,6 +15,8 @@ def main(argv=None, prog=None) -> int:
     config = cli.load_config_or_exit(args)
     from segmenter import preload as preloading
 
+    cli.announce_device(uses_tensorflow=False)
+
     return cli.run_stage(lambda: preloading.preload(config, overwrite=args.overwrite,
                                                     skip_invalid=args.skip_invalid or None))
 
