@@ -12,12 +12,12 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, SegmentationStorage, generate_uid
+from pydicom.uid import SegmentationStorage, generate_uid
 
 from segmenter.errors import InputError
 from segmenter.io import read_image, read_mask
 from segmenter.io.dicom_seg import DICOM_SEG_SUFFIX, write_dicom_seg
+from tests.test_io import write_dicom_slice
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOTALSEG = REPO_ROOT.parent / "shared" / "datasets" / "ct_abdomen_totalseg"
@@ -159,23 +159,13 @@ def write_series(folder: Path, count: int = 4, shape=(6, 5)) -> dict[str, int]:
     rank_of = {}
     names = np.random.default_rng(4).permutation(count)
     for rank, name in enumerate(names):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        dataset = Dataset()
-        dataset.file_meta = meta
-        dataset.SOPClassUID, dataset.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        dataset.StudyInstanceUID, dataset.SeriesInstanceUID = study, series
-        dataset.FrameOfReferenceUID = frame_of_reference
-        dataset.PatientID, dataset.PatientName, dataset.Modality = "P1", "Test^Patient", "CT"
-        dataset.ImagePositionPatient = [10.0 - 1.5 * rank, 1.0, 5.0]  # rank 0 has the largest x
-        dataset.ImageOrientationPatient = list(SAGITTAL)
-        dataset.PixelSpacing = [0.8, 0.6]
-        dataset.SliceThickness = 1.5
-        dataset.set_pixel_data(np.full(shape, rank + 1, dtype=np.uint16), "MONOCHROME2", 16)
-        dataset.save_as(folder / f"IM{name:04d}.dcm", enforce_file_format=True)
-        rank_of[meta.MediaStorageSOPInstanceUID] = rank
+        path = write_dicom_slice(
+            folder / f"IM{name:04d}.dcm", np.full(shape, rank + 1, dtype=np.uint16),
+            [10.0 - 1.5 * rank, 1.0, 5.0],  # rank 0 has the largest x
+            orientation=SAGITTAL, pixel_spacing=(0.8, 0.6), slope=1.0, intercept=0.0, series_uid=series,
+            slice_thickness=1.5, StudyInstanceUID=study, FrameOfReferenceUID=frame_of_reference, PatientID="P1",
+            PatientName="Test^Patient")
+        rank_of[pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID] = rank
     return rank_of
 
 

@@ -44,8 +44,10 @@ def shared_dataset(name: str) -> Path:
 # --------------------------------------------------------------------------------------------------
 
 def write_dicom_slice(path: Path, stored: np.ndarray, position, *, orientation=AXIAL, pixel_spacing=(0.8, 0.6),
-                      slope=2.5, intercept=-1024.0, series_uid="1.2.3.4", with_pixels=True) -> Path:
-    """One CT slice written with pydicom's dataset API (explicit VR little endian)."""
+                      slope=2.5, intercept=-1024.0, series_uid="1.2.3.4", with_pixels=True,
+                      slice_thickness=3.0, **attributes) -> Path:
+    """One CT slice written with pydicom's dataset API (explicit VR little endian); ``attributes`` are set too
+    (e.g. StudyInstanceUID, PatientID)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -59,7 +61,9 @@ def write_dicom_slice(path: Path, stored: np.ndarray, position, *, orientation=A
     dataset.ImagePositionPatient = [float(value) for value in position]
     dataset.ImageOrientationPatient = list(orientation)
     dataset.PixelSpacing = list(pixel_spacing)
-    dataset.SliceThickness = 3.0
+    dataset.SliceThickness = slice_thickness
+    for name, value in attributes.items():
+        setattr(dataset, name, value)
     dataset.RescaleSlope = slope
     dataset.RescaleIntercept = intercept
     dataset.set_pixel_data(stored, "MONOCHROME2", 16)
