@@ -89,11 +89,10 @@ def predict_cases(model: keras.Model, preprocessing: dict, cases: dict[str, list
                 raise InputError(paths[0], f"expected a 2D image or 3D volume, got shape {image.array.shape}")
             label_map = predict_image(model, image.array, len(paths), preprocessing, batch_size)
             reference = io.LoadedImage(label_map, image.spacing, image.affine, image.source)
-            io.write_mask(label_map, tmp_dir / f"{case_id}{suffix_of(case_id, paths, spatial_ndim)}",
-                          reference=reference)
+            mask_name = f"{case_id}{suffix_of(case_id, paths, spatial_ndim)}"
+            io.write_mask(label_map, tmp_dir / mask_name, reference=reference)
             if preview is not None:
-                preview.add(case_id, image, len(paths), label_map,
-                            f"{case_id}{suffix_of(case_id, paths, spatial_ndim)}")
+                preview.add(case_id, image, len(paths), label_map, mask_name)
             if dicom_seg:
                 if not Path(paths[0]).is_dir():
                     raise InputError(paths[0], "--format dicom-seg needs DICOM series folders as input")

@@ -79,8 +79,8 @@ def evaluate_experiment(config: Config) -> FolderEvaluation:
                                 f"test cases (e.g. {missing[0]}); run the predict stage first")
     # Predictions of the current model, itself trained on the current preload (else: which stage to run again).
     consistency.check_predictions_current(predictions, config.stage_dir("train"), manifest, config.preloaded_dir)
-    ct = manifest.preprocessing.get("normalization", {})
-    first_channel = ct[0] if isinstance(ct, list) else ct
+    normalization = manifest.preprocessing.get("normalization", {})
+    first_channel = normalization[0] if isinstance(normalization, list) else normalization
     result = evaluate_folders(
         layout.test_labels_dir(config.preloaded_dir), predictions, config.stage_dir("evaluate"),
         class_names=config.classes, spacing=config.preload.pixel_spacing,
