@@ -71,7 +71,9 @@ CONFIG = {
         "normalization": {
             # ct_window: clip to window (HU) then scale to 0..1 (CT); minmax: per image to 0..1;
             # divide_255: 8-bit images to 0..1; zscore: per image to mean 0, sd 1 (MRI);
-            # percentile_zscore: clip to the percentiles, then zscore (MRI with outliers); none.
+            # percentile_zscore: clip to the percentiles, then zscore (MRI with outliers); nnunet_ct (3D): clip
+            # to the 0.5 / 99.5 percentiles of the foreground intensities of the whole training set, then
+            # z-score with their mean and sd (nnU-Net's CT scheme; the statistics are in the manifest); none.
             # One setting for every channel, or a list of settings, one per channel (e.g. z-score for T2 and
             # none for ADC); each channel of each slice is normalised on its own.
             "method": "minmax",
@@ -80,7 +82,7 @@ CONFIG = {
         },
         # Training samples (2D slices) are resized to this (rows, columns): images linearly, masks nearest-
         # neighbour; predict resizes its inputs alike and writes label maps back at their own size.
-        # Both must be divisible by 2**train.model.depth.
+        # Both must be divisible by 2**train.model.depth (16 for the default depth 4).
         "image_size": [256, 256],
         # Pixel spacing (row, column) in mm of 2D files whose format carries none (CSV, PNG, NPY), so
         # evaluate can report mm and cm²; None: distances in pixels. DICOM and NIfTI use their headers.
@@ -97,6 +99,20 @@ CONFIG = {
         "shard_size": 1024,
         # Skip bad image/mask pairs (listed in the manifest and printed) instead of stopping at the first.
         "skip_invalid": False,
+        # 2: the model sees 2D slices (image_size, slice_axis above). 3: it sees 3D patches of whole volumes
+        # (NIfTI, DICOM series, 3D NPY): each training volume is cropped (crop_to_nonzero), normalised per
+        # channel and resampled to target_spacing (images cubic, label maps linear on one-hot); predict
+        # prepares new volumes alike and takes its output back to each volume's own grid.
+        "spatial_dims": 2,
+        # mm per array axis that volumes are resampled to; None: the median spacing of the training volumes.
+        "target_spacing": None,
+        # [d, h, w] voxels of the 3D training patches; None: planned from the median shape (after
+        # resampling) and plan_memory_mb, with the batch size and depth (unless train sets them).
+        "patch_size": None,
+        # Crop each volume to the box around its non-zero voxels first (MRI background); undone on output.
+        "crop_to_nonzero": False,
+        # Memory (MB) the planner may plan one 3D training step for (activations and gradients).
+        "plan_memory_mb": 2048.0,
     },
     # ------------------------------------------------------------------------------------------------
     # 2. tune: keras-tuner search on a validation split of the training set -> experiments/<experiment>/tune/
@@ -128,10 +144,13 @@ CONFIG = {
     # ------------------------------------------------------------------------------------------------
     "train": {
         "model": {
-            # "unet", "attention_unet", "residual_unet", "mobilenetv2_unet" or "deeplabv3plus".
+            # "unet", "attention_unet", "residual_unet", "mobilenetv2_unet", "deeplabv3plus" or "medpatchnet"
+            # (a light encoder-decoder of dilated-convolution pyramid blocks). All but mobilenetv2_unet and
+            # deeplabv3plus are 2D or 3D, as preload.spatial_dims says.
             "architecture": "unet",
-            # Down-sampling levels and filters of the first level (doubling per level).
-            "depth": 4,
+            # Down-sampling levels and filters of the first level (doubling per level). For 3D the planned
+            # depth is used unless this is set. None: 4 for 2D, the plan's for 3D.
+            "depth": None,
             "base_filters": 16,
             # "group" (default: independent of batch statistics, right for small batches of medical
             # images), "instance", "batch" or "none".
@@ -155,7 +174,8 @@ CONFIG = {
         "optimizer": "adamw",
         "learning_rate": 1e-3,
         "weight_decay": 1e-4,
-        "batch_size": 4,
+        # None: 4 for 2D, the planned batch size for 3D.
+        "batch_size": None,
         "epochs": 100,
         # Training stops cleanly after this many minutes (None: no limit); the model so far is kept.
         "time_budget_minutes": None,
@@ -167,17 +187,54 @@ CONFIG = {
             "zoom": 0.0,
             # Contrast/brightness jitter as a fraction of the image's spread.
             "intensity": 0.0,
+            # 3D (preload.spatial_dims 3): nnU-Net's augmentation, as TensorFlow ops in the input pipeline,
+            # each with its own probability per patch; image and label map move together, labels stay exact.
+            "volume": {
+                # Each listed axis is mirrored with probability 0.5.
+                "mirror_axes": [0, 1, 2],
+                # Rotation about each axis, uniform in +-rotation_degrees; one scale factor in scale_range.
+                "rotation_probability": 0.2,
+                "rotation_degrees": 30.0,
+                "scale_probability": 0.2,
+                "scale_range": [0.7, 1.4],
+                # A random displacement field smoothed by a Gaussian of elastic_sigma voxels, its largest
+                # displacement about elastic_magnitude voxels (off by default, as in nnU-Net; slow on CPU).
+                "elastic_probability": 0.0,
+                "elastic_sigma": 4.0,
+                "elastic_magnitude": 3.0,
+                # Gaussian noise of a standard deviation up to noise_std (normalised units).
+                "noise_probability": 0.1,
+                "noise_std": 0.1,
+                # Gaussian blur with sigma in blur_sigma voxels.
+                "blur_probability": 0.2,
+                "blur_sigma": [0.5, 1.0],
+                # Intensities times a factor; contrast about the mean; gamma on the patch rescaled to 0..1.
+                "brightness_probability": 0.15,
+                "brightness_range": [0.75, 1.25],
+                "contrast_probability": 0.15,
+                "contrast_range": [0.75, 1.25],
+                "gamma_probability": 0.3,
+                "gamma_range": [0.7, 1.5],
+            },
         },
         # Use tune/best_hyperparameters.json when it exists (False: always these settings).
         "use_tuned_hyperparameters": True,
-        # float16 compute on GPUs with tensor cores; runs, without a speed-up, on CPU.
-        "mixed_precision": False,
+        # float16 compute with float32 weights on GPUs with tensor cores (normalisation, softmax and loss stay
+        # float32); None: on where TensorFlow sees a GPU, off on CPU (where it runs without a speed-up).
+        "mixed_precision": None,
+        # Train on several GPUs or machines (data parallel, synchronous): "none"; "mirrored":
+        # tf.distribute.MirroredStrategy over all local GPUs (or, without GPUs, the logical devices TensorFlow
+        # sees: SEGMENTER_CPU_DEVICES=N splits the CPU into N); "multi_worker":
+        # tf.distribute.MultiWorkerMirroredStrategy across the machines described by the TF_CONFIG environment
+        # variable (run `segmenter train` on each; worker 0 writes the outputs). batch_size is then the GLOBAL
+        # batch size, split evenly over the replicas (a multiple of their number).
+        "distribution": "none",
         # Training steps per compiled call; > 1 lowers per-step overhead for small images.
         "steps_per_execution": 1,
         # Share of the training set (whole patients/volumes, drawn with the seed) held out to validate each
         # epoch (val_ columns in history.csv, TensorBoard, the curves); 0.0: none, all slices train.
         "validation_fraction": 0.0,
-        # Which model becomes model.keras: "best" (checkpoints/best.keras: highest validation mean
+        # Which model becomes model.keras: "best" (checkpoints/best/model.keras: highest validation mean
         # foreground Dice, or lowest training loss without validation) or "last"; None: "best" when
         # validation_fraction > 0, else "last".
         "keep": None,
@@ -190,12 +247,33 @@ CONFIG = {
         "early_stopping_patience": None,
         # Clip each gradient to this L2 norm (the optimizer's clipnorm); None: no clipping.
         "gradient_clip_norm": None,
+        # 3D: patches per epoch (None: one per training volume), in a seeded random order of the volumes,
+        # and the share of them centred on a foreground voxel of a class drawn uniformly among those the
+        # volume holds (nnU-Net: one third), so small classes are not starved.
+        "patches_per_epoch": None,
+        # k of the k-fold cross-validation run by `segmenter train --fold k|all` (train/fold_<k>/): each fold
+        # validates on a fifth (for 5) of the training patients/volumes; predict then ensembles the folds.
+        "folds": 5,
+        "foreground_fraction": 0.3333333333333333,
     },
     # ------------------------------------------------------------------------------------------------
     # 4. predict -> experiments/<experiment>/predict/test/ and predict/<input folder>/ for --input
     # ------------------------------------------------------------------------------------------------
     "predict": {
+        # Images (2D) or patches (3D) per model call.
         "batch_size": 8,
+        # 3D: sliding-window prediction over each whole volume, patches overlapping by this share of their
+        # size and blended with Gaussian weights (sigma 1/8 of the patch).
+        "overlap": 0.5,
+        # 3D: mirroring test-time augmentation (the 8 flips averaged, 8x the time); None: on where a GPU is.
+        "mirror": None,
+        # Predict with the mean probabilities of the train.folds fold models: None: when all exist (else
+        # train/model/), True: always (an error when one is missing), False: never.
+        "folds": None,
+        # Keep only the largest connected component of each class (2D and 3D).
+        "keep_largest_component": False,
+        # 3D: also write probabilities/<case>.nii.gz, one float32 volume per class.
+        "save_probabilities": False,
     },
     # ------------------------------------------------------------------------------------------------
     # 5. evaluate -> experiments/<experiment>/evaluate/ (metrics.csv, summary.json, figures, report.html)

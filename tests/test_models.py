@@ -25,6 +25,7 @@ SMALL_MODELS = [
     ("mobilenetv2_unet", {"architecture": "mobilenetv2_unet", "depth": 4, "base_filters": 4}, 64),
     ("deeplabv3plus_mobilenetv2", {"architecture": "deeplabv3plus", "base_filters": 2, "backbone": "mobilenetv2"}, 64),
     ("deeplabv3plus_resnet50", {"architecture": "deeplabv3plus", "base_filters": 2, "backbone": "resnet50"}, 64),
+    ("medpatchnet", {"architecture": "medpatchnet", "depth": 2, "base_filters": 4}, 32),
 ]
 NUM_CLASSES = 3
 

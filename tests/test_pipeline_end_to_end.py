@@ -66,7 +66,7 @@ def test_tune_artifacts(finished_run):
 def test_train_artifacts(finished_run):
     work, _, outputs = finished_run
     train = work / "experiments" / "tiny_ct" / "train"
-    for name in ("model/model.keras", "checkpoints/last.keras", "history.csv", "training_curves.png",
+    for name in ("model/model.keras", "checkpoints/last/model.keras", "history.csv", "training_curves.png",
                  "model/preprocessing.json", "model/config.resolved.json", "model/hyperparameters.json"):
         assert (train / name).is_file(), name
     assert len(pd.read_csv(train / "history.csv")) == 2

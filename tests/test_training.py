@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import keras
 import pandas as pd
@@ -50,7 +51,7 @@ def test_time_budget_stops_training_and_keeps_the_model(preloaded_config):
     result = train_final_model(config)
     assert 1 <= result.epochs < 10_000
     assert result.model_path.is_file()
-    state = json.loads((config.stage_dir("train") / "checkpoints" / "state.json").read_text())
+    state = json.loads((config.stage_dir("train") / "checkpoints" / "last" / "state.json").read_text())
     assert state["epoch"] == result.epochs
 
 
@@ -81,7 +82,8 @@ def test_a_failed_final_save_keeps_the_earlier_model_with_its_own_files(preloade
     original_save = keras.Model.save
 
     def fails_on_the_final_model(model, path, *args, **kwargs):
-        if path.name == layout.MODEL:  # checkpoints are saved under temporary names; the final model is not
+        # The final model is saved in train/model/'s temporary folder; checkpoints in checkpoints/.last.*.tmp/
+        if path.name == layout.MODEL and Path(path).parent.name.startswith(f".{layout.MODEL_DIR}."):
             raise OSError("disk gone")
         return original_save(model, path, *args, **kwargs)
 

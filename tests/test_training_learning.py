@@ -15,8 +15,7 @@ from segmenter.config import AugmentationConfig, ConfigError, TrainConfig, build
 from segmenter.data_pipeline import epochs_dataset, samples_dataset
 from segmenter.manifest import read_manifest
 from segmenter.preload import preload
-from segmenter.training import (AtomicCheckpoint, TimeBudget, TrainingDiverged, learning_rate_at, train_final_model,
-                                validation_split)
+from segmenter.training import TrainingDiverged, learning_rate_at, train_final_model, validation_split
 from tests.conftest import tiny_ct_config
 
 AUGMENT = {"flip_horizontal": True, "flip_vertical": True, "rotation_degrees": 20.0, "zoom": 0.2, "intensity": 0.2}
@@ -67,30 +66,14 @@ def test_validation_best_checkpoint_and_logged_learning_rate(preloaded_config):
     assert {"val_loss", "val_mean_foreground_dice", "learning_rate"} <= set(history.columns)
     assert history.learning_rate.to_numpy() == pytest.approx(
         [learning_rate_at(config.train, epoch) for epoch in range(3)], rel=1e-5)
-    state = json.loads((out / "checkpoints" / "state.json").read_text())
+    state = json.loads((out / "checkpoints" / "last" / "state.json").read_text())
     assert state["best"]["monitor"] == "val_mean_foreground_dice"
     assert state["best"]["value"] == pytest.approx(history.val_mean_foreground_dice.max(), rel=1e-5)
-    # keep defaults to "best" with validation: model.keras is checkpoints/best.keras.
-    assert result.model_path.read_bytes() == (out / "checkpoints" / "best.keras").read_bytes()
-    assert (out / "checkpoints" / "last.keras").is_file() and (out / "training_curves.png").is_file()
+    # keep defaults to "best" with validation: model.keras is checkpoints/best/model.keras.
+    assert result.model_path.read_bytes() == (out / "checkpoints" / "best" / "model.keras").read_bytes()
+    assert (out / "checkpoints" / "last" / "model.keras").is_file() and (out / "training_curves.png").is_file()
     model = keras.models.load_model(result.model_path)
     assert model.optimizer.clipnorm == 1.0
-
-
-def test_early_stopping_and_best_checkpoint_callback(tmp_path):
-    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
-    callback = AtomicCheckpoint(tmp_path, TimeBudget(None), settings={"seed": 1}, monitor="val_dice", mode="max",
-                                patience=2)
-    model.stop_training = False
-    callback.set_model(model)
-    for epoch, dice in enumerate([0.5, 0.6, 0.55]):
-        callback.on_epoch_end(epoch, {"loss": 1.0, "val_dice": dice})
-    assert callback.best["epoch"] == 2 and not model.stop_training
-    callback.on_epoch_end(3, {"loss": float("nan"), "val_dice": 0.9})  # never saved, never the best
-    assert callback.best["epoch"] == 2 and json.loads((tmp_path / "state.json").read_text())["epoch"] == 3
-    callback.on_epoch_end(4, {"loss": 1.0, "val_dice": 0.58})
-    assert model.stop_training and callback.stopped_early
-    assert {p.name for p in tmp_path.iterdir()} == {"best.keras", "last.keras", "state.json", "settings.json"}
 
 
 def test_augmentation_streams_are_stateless_and_resume_exactly(preloaded_config):

@@ -35,7 +35,7 @@ def trained(tiny_ct_dataset, tmp_path_factory):
 def test_visualize_train_with_a_checkpoint_and_test_with_the_model(trained):
     work, config = trained
     predict_dir = work / "experiments" / "tiny_ct" / "predict"
-    checkpoint = work / "experiments" / "tiny_ct" / "train" / "checkpoints" / "last.keras"
+    checkpoint = work / "experiments" / "tiny_ct" / "train" / "checkpoints" / "last" / "model.keras"
     result = run_cli("predict", "--config", str(config), "--visualize", "train", "--checkpoint", str(checkpoint),
                      "--count", "3")
     assert result.returncode == 0, result.stderr

@@ -21,7 +21,7 @@ import types
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator, model_validator
 
 from segmenter.layout import unsafe_name_problem
 
@@ -40,7 +40,9 @@ class PathsConfig(_Section):
 
 
 class NormalizationConfig(_Section):
-    method: Literal["ct_window", "minmax", "divide_255", "zscore", "percentile_zscore", "none"] = "minmax"
+    # "nnunet_ct": clip to the 0.5 / 99.5 percentiles of the foreground intensities of the whole training set,
+    # then z-score with their mean and standard deviation (nnU-Net's CT scheme; statistics in the manifest).
+    method: Literal["ct_window", "minmax", "divide_255", "zscore", "percentile_zscore", "nnunet_ct", "none"] = "minmax"
     window: tuple[float, float] = (-200.0, 300.0)
     percentiles: tuple[float, float] = (0.5, 99.5)
 
@@ -87,12 +89,29 @@ class PreloadConfig(_Section):
     workers: int = Field(2, ge=1)
     shard_size: int = Field(1024, ge=1)
     skip_invalid: bool = False
+    # 2: the model sees 2D slices (image_size, slice_axis). 3: it sees 3D patches of whole volumes, resampled
+    # to target_spacing; patch_size None is planned from the dataset (see segmenter.preprocessing.planner).
+    spatial_dims: Literal[2, 3] = 2
+    # Voxel size in mm per array axis that 3D volumes are resampled to; None: the training cases' median.
+    target_spacing: Optional[tuple[PositiveFloat, PositiveFloat, PositiveFloat]] = None
+    patch_size: Optional[tuple[PositiveInt, PositiveInt, PositiveInt]] = None
+    # Crop each volume to the box around its non-zero voxels before resampling (undone on output).
+    crop_to_nonzero: bool = False
+    # Memory the planner may plan one training step of a 3D model for (activations and gradients), in MB.
+    plan_memory_mb: float = Field(2048.0, gt=0.0)
 
     def channel_normalizations(self) -> list[NormalizationConfig]:
         """The normalisation of each channel, in channel order."""
         if isinstance(self.normalization, NormalizationConfig):
             return [self.normalization] * len(self.channels)
         return list(self.normalization)
+
+    @model_validator(mode="after")
+    def _dataset_statistics_need_3d(self) -> "PreloadConfig":
+        if self.spatial_dims == 2 and any(n.method == "nnunet_ct" for n in self.channel_normalizations()):
+            raise ValueError("normalization nnunet_ct (statistics of the whole training set) needs "
+                             "spatial_dims 3; for 2D CT slices use ct_window")
+        return self
 
     @model_validator(mode="after")
     def _one_normalization_per_channel(self) -> "PreloadConfig":
@@ -102,9 +121,16 @@ class PreloadConfig(_Section):
         return self
 
 
+#: 2D defaults of train.model.depth and train.batch_size (3D datasets take them from their plan).
+DEFAULT_DEPTH = 4
+DEFAULT_BATCH_SIZE = 4
+
+
 class ModelConfig(_Section):
-    architecture: Literal["unet", "attention_unet", "residual_unet", "mobilenetv2_unet", "deeplabv3plus"] = "unet"
-    depth: int = Field(4, ge=1, le=6)
+    architecture: Literal["unet", "attention_unet", "residual_unet", "mobilenetv2_unet", "deeplabv3plus",
+                          "medpatchnet"] = "unet"
+    # Down-sampling levels; None: DEFAULT_DEPTH for 2D, the plan's for 3D (see segmenter.preprocessing.planner).
+    depth: Optional[int] = Field(None, ge=1, le=6)
     base_filters: int = Field(16, ge=2)
     normalization: Literal["group", "batch", "instance", "none"] = "group"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -114,12 +140,47 @@ class ModelConfig(_Section):
     freeze_encoder_epochs: int = Field(0, ge=0)
 
 
+class VolumeAugmentationConfig(_Section):
+    """3D augmentation (preload.spatial_dims 3), applied to image and labels alike; nnU-Net's defaults."""
+
+    # Each listed array axis is mirrored with probability 0.5.
+    mirror_axes: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    # Rotation about each axis, uniform in +-rotation_degrees; scaling by a factor in scale_range.
+    rotation_probability: float = Field(0.2, ge=0.0, le=1.0)
+    rotation_degrees: float = Field(30.0, ge=0.0, le=180.0)
+    scale_probability: float = Field(0.2, ge=0.0, le=1.0)
+    scale_range: tuple[PositiveFloat, PositiveFloat] = (0.7, 1.4)
+    # Elastic deformation: a random displacement field smoothed by a Gaussian (sigma in voxels), scaled so
+    # that its largest displacement is about elastic_magnitude voxels.
+    elastic_probability: float = Field(0.0, ge=0.0, le=1.0)
+    elastic_sigma: float = Field(4.0, gt=0.0)
+    elastic_magnitude: float = Field(3.0, ge=0.0)
+    noise_probability: float = Field(0.1, ge=0.0, le=1.0)
+    noise_std: float = Field(0.1, ge=0.0)  # the largest standard deviation, in normalised units
+    blur_probability: float = Field(0.2, ge=0.0, le=1.0)
+    blur_sigma: tuple[PositiveFloat, PositiveFloat] = (0.5, 1.0)  # voxels
+    brightness_probability: float = Field(0.15, ge=0.0, le=1.0)
+    brightness_range: tuple[PositiveFloat, PositiveFloat] = (0.75, 1.25)  # multiplicative
+    contrast_probability: float = Field(0.15, ge=0.0, le=1.0)
+    contrast_range: tuple[PositiveFloat, PositiveFloat] = (0.75, 1.25)
+    gamma_probability: float = Field(0.3, ge=0.0, le=1.0)
+    gamma_range: tuple[PositiveFloat, PositiveFloat] = (0.7, 1.5)
+
+    @field_validator("mirror_axes")
+    @classmethod
+    def _axes_are_spatial(cls, value: list[int]) -> list[int]:
+        if any(axis not in (0, 1, 2) for axis in value) or len(set(value)) != len(value):
+            raise ValueError(f"{value}: give distinct axes among 0, 1 and 2")
+        return value
+
+
 class AugmentationConfig(_Section):
     flip_horizontal: bool = True
     flip_vertical: bool = False
     rotation_degrees: float = Field(0.0, ge=0.0, le=180.0)
     zoom: float = Field(0.0, ge=0.0, lt=1.0)
     intensity: float = Field(0.0, ge=0.0, lt=1.0)
+    volume: VolumeAugmentationConfig = Field(default_factory=VolumeAugmentationConfig)
 
 
 class TrainConfig(_Section):
@@ -129,23 +190,35 @@ class TrainConfig(_Section):
     optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
     learning_rate: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(1e-4, ge=0.0)
-    batch_size: int = Field(4, ge=1)
+    # None: DEFAULT_BATCH_SIZE for 2D, the plan's for 3D.
+    batch_size: Optional[int] = Field(None, ge=1)
     epochs: int = Field(100, ge=1)
     time_budget_minutes: Optional[float] = Field(None, gt=0.0)
     augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
     use_tuned_hyperparameters: bool = True
-    mixed_precision: bool = False
+    # float16 compute with float32 weights (normalisation, softmax and loss stay float32); None: on where
+    # TensorFlow sees a GPU, off on CPU.
+    mixed_precision: Optional[bool] = None
+    # "mirrored": tf.distribute.MirroredStrategy over the local GPUs; "multi_worker": MultiWorkerMirroredStrategy
+    # over the machines TF_CONFIG describes. batch_size is then the global batch, split evenly over the replicas.
+    distribution: Literal["none", "mirrored", "multi_worker"] = "none"
     steps_per_execution: int = Field(1, ge=1)
     # Share of the training set (whole patients/volumes, drawn with the seed) held out to validate each
     # epoch; 0.0: none.
     validation_fraction: float = Field(0.0, ge=0.0, lt=1.0)
-    # Which model becomes model.keras: "best" (checkpoints/best.keras) or "last"; None: "best" when there
+    # Which model becomes model.keras: "best" (checkpoints/best/model.keras) or "last"; None: "best" when there
     # is validation, else "last".
     keep: Optional[Literal["best", "last"]] = None
     lr_schedule: Literal["constant", "poly", "cosine"] = "constant"
     warmup_epochs: int = Field(0, ge=0)
     early_stopping_patience: Optional[int] = Field(None, ge=1)
     gradient_clip_norm: Optional[float] = Field(None, gt=0.0)
+    # 3D: patches drawn per epoch (None: one per training volume) and the share of them centred on a
+    # foreground voxel (of a class drawn uniformly among those the volume holds), as nnU-Net samples.
+    patches_per_epoch: Optional[int] = Field(None, ge=1)
+    # k of the k-fold cross-validation of `segmenter train --fold`: whole patients/volumes per fold.
+    folds: int = Field(5, ge=2)
+    foreground_fraction: float = Field(1.0 / 3.0, ge=0.0, le=1.0)
 
 
 class TuneConfig(_Section):
@@ -161,6 +234,18 @@ class TuneConfig(_Section):
 
 class PredictConfig(_Section):
     batch_size: int = Field(8, ge=1)
+    # 3D sliding-window prediction: the share of a patch that neighbouring patches overlap, and mirroring
+    # test-time augmentation (all 8 flips averaged; 8x the time) - None: on where a GPU is present.
+    overlap: float = Field(0.5, ge=0.0, lt=1.0)
+    mirror: Optional[bool] = None
+    # Predict with the mean probabilities of the k fold models (segmenter train --fold): None: when all
+    # train.folds fold models exist, else the final model; True: the folds (an error when one is missing).
+    folds: Optional[bool] = None
+    # Keep only the largest connected component of each class (the rest becomes background).
+    keep_largest_component: bool = False
+    # 3D models: also write each case's class probabilities, probabilities/<case>.nii.gz (float32, one
+    # volume per class; K times the memory of one volume).
+    save_probabilities: bool = False
 
 
 class EvaluateConfig(_Section):
@@ -234,11 +319,18 @@ class Config(_Section):
         if self.train.class_weights is not None and len(self.train.class_weights) != num_classes:
             raise ValueError(f"train.class_weights needs {num_classes} values, one per class")
         model = self.train.model
+        if self.preload.spatial_dims == 3:
+            if model.architecture in ("mobilenetv2_unet", "deeplabv3plus"):
+                raise ValueError(f"train.model.architecture {model.architecture} is 2D only (its encoder is a 2D "
+                                 f"keras.applications network); for preload.spatial_dims 3 use unet, "
+                                 f"residual_unet, attention_unet or medpatchnet")
+            return self  # the 3D patch size is checked against the depth when it is planned
         # DeepLabV3+ always down-samples 16 times; the U-Nets once per level.
-        factor = 16 if model.architecture == "deeplabv3plus" else 2 ** model.depth
+        depth = DEFAULT_DEPTH if model.depth is None else model.depth
+        factor = 16 if model.architecture == "deeplabv3plus" else 2 ** depth
         if any(size % factor for size in self.preload.image_size):
             raise ValueError(f"preload.image_size {list(self.preload.image_size)} must be divisible by {factor} "
-                             f"for a {model.architecture} of depth {model.depth}")
+                             f"for a {model.architecture} of depth {depth}")
         return self
 
     # Convenience views used throughout the library.

@@ -13,6 +13,7 @@ what does not match and the stage to run again.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -59,6 +60,12 @@ def model_digest(train_dir: Path) -> Optional[str]:
     return sha256_of_file(path) if path.is_file() else None
 
 
+def models_digest(model_paths: Sequence[Path]) -> str:
+    """One digest of the models a prediction used: a single model's sha256, or that of the fold models' sha256s."""
+    digests = [sha256_of_file(path) for path in model_paths]
+    return digests[0] if len(digests) == 1 else hashlib.sha256("\n".join(digests).encode()).hexdigest()
+
+
 def check_predictions_current(predictions_dir: Path, train_dir: Path, manifest: Manifest,
                               preloaded_dir: Path) -> None:
     """The predictions in ``predictions_dir`` were made by the current model from the current preload.
@@ -79,6 +86,13 @@ def check_predictions_current(predictions_dir: Path, train_dir: Path, manifest: 
     if fingerprint is not None and fingerprint != manifest.fingerprint:
         raise StaleOutputError(f"{record_path}: the predictions are of another preload of {preloaded_dir}; run "
                                "segmenter predict again")
+    model_files = record.get("model_files")
+    if model_files and len(model_files) > 1:  # a fold ensemble: its models, as recorded
+        missing = [path for path in model_files if not Path(path).is_file()]
+        if missing or models_digest([Path(path) for path in model_files]) != record.get("model_sha256"):
+            raise StaleOutputError(f"{record_path}: the predictions were made with fold models that have changed "
+                                   f"or gone since ({(missing or model_files)[0]}); run segmenter predict again")
+        return
     model_path = layout.model_path(train_dir)
     if not model_path.is_file():
         return

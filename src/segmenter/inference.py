@@ -23,7 +23,7 @@ import segmenter.metrics  # noqa: F401
 import segmenter.models  # noqa: F401
 from segmenter import consistency, io, layout, locks
 from segmenter.artifacts import atomic_directory, check_replaceable_folder, read_json, save_resolved_config, write_json_atomic
-from segmenter.config import Config, ConfigError, NormalizationConfig
+from segmenter.config import Config, ConfigError, NormalizationConfig, PredictConfig
 from segmenter.errors import InputError
 from segmenter.io.writers import output_suffix
 from segmenter.manifest import check_classes, read_manifest
@@ -39,22 +39,62 @@ class PredictResult:
         return f"Wrote {self.num_masks} masks\n{self.output_dir}"
 
 
-def load_trained_model(config: Config) -> tuple[keras.Model, dict]:
-    """The trained model and its preprocessing, checked against the config's classes."""
+class ModelEnsemble:
+    """Models of one input and output whose class probabilities are averaged: the k fold models of a k-fold
+    training, as nnU-Net ensembles its folds. Offers what prediction uses of a Keras model."""
+
+    def __init__(self, models: list):
+        self.models = models
+        self.input_shape, self.output_shape = models[0].input_shape, models[0].output_shape
+
+    def predict(self, images, batch_size: int, verbose: int = 0) -> np.ndarray:
+        return np.mean([np.asarray(m.predict(images, batch_size=batch_size, verbose=verbose), dtype=np.float32)
+                        for m in self.models], axis=0)
+
+    def predict_on_batch(self, batch) -> np.ndarray:
+        return np.mean([np.asarray(m.predict_on_batch(batch), dtype=np.float32) for m in self.models], axis=0)
+
+
+def model_dirs(config: Config) -> list[Path]:
+    """The train folders whose ``model/`` predict uses: the k fold folders (``predict.folds``) or ``train/``."""
     train_dir = config.stage_dir("train")
-    model_path = layout.model_path(train_dir)
-    if not model_path.is_file():
-        raise FileNotFoundError(f"{model_path}: no trained model; run the train stage first")
-    preprocessing = read_json(layout.preprocessing_path(train_dir))
-    check_classes(config.classes, preprocessing["classes"], f"the model in {train_dir}")
-    model = keras.models.load_model(model_path, compile=False)
-    outputs = model.output_shape[-1]
-    if outputs != len(config.classes):
-        raise ConfigError(f"{model_path}: the model has {outputs} output channels but the config names "
-                          f"{len(config.classes)} classes {config.classes}; run the train stage again")
-    consistency.check_model_input(model.input_shape, preprocessing["image_size"],
-                                  len(preprocessing.get("channels", ["image"])), model_path,
-                                  layout.preprocessing_path(train_dir))
+    folds = [layout.fold_dir(train_dir, k) for k in range(config.train.folds)]
+    have_folds = all(layout.model_path(folder).is_file() for folder in folds)
+    if config.predict.folds or (config.predict.folds is None and have_folds):
+        if not have_folds:
+            missing = next(folder for folder in folds if not layout.model_path(folder).is_file())
+            raise FileNotFoundError(f"{layout.model_path(missing)}: no model of this fold (predict.folds needs all "
+                                    f"{config.train.folds}); run segmenter train --fold all")
+        return folds
+    return [train_dir]
+
+
+def trained_models(config: Config):
+    """(model or fold ensemble, preprocessing, model files): what predict uses, checked against the config."""
+    folders = model_dirs(config)
+    models, preprocessing = [], None
+    for folder in folders:
+        model_path = layout.model_path(folder)
+        if not model_path.is_file():
+            raise FileNotFoundError(f"{model_path}: no trained model; run the train stage first")
+        preprocessing = read_json(layout.preprocessing_path(folder))
+        check_classes(config.classes, preprocessing["classes"], f"the model in {folder}")
+        model = keras.models.load_model(model_path, compile=False)
+        outputs = model.output_shape[-1]
+        if outputs != len(config.classes):
+            raise ConfigError(f"{model_path}: the model has {outputs} output channels but the config names "
+                              f"{len(config.classes)} classes {config.classes}; run the train stage again")
+        consistency.check_model_input(model.input_shape, preprocessing["image_size"],
+                                      len(preprocessing.get("channels", ["image"])), model_path,
+                                      layout.preprocessing_path(folder))
+        models.append(model)
+    paths = [layout.model_path(folder) for folder in folders]
+    return (models[0] if len(models) == 1 else ModelEnsemble(models)), preprocessing, paths
+
+
+def load_trained_model(config: Config) -> tuple[keras.Model, dict]:
+    """The trained model (or fold ensemble) and its preprocessing, checked against the config's classes."""
+    model, preprocessing, _ = trained_models(config)
     return model, preprocessing
 
 
@@ -65,7 +105,7 @@ def predict_probabilities(model: keras.Model, images: np.ndarray, batch_size: in
 
 def predict_cases(model: keras.Model, preprocessing: dict, cases: dict[str, list[Path]], output_dir: Path,
                   suffix_of: Callable[[str, list[Path], int], str], batch_size: int, record: dict,
-                  dicom_seg: bool = False, previews: bool = False) -> int:
+                  dicom_seg: bool = False, previews: bool = False, options: Optional[PredictConfig] = None) -> int:
     """Segment every case (id -> its channel files) into ``output_dir``, replaced whole at the end.
 
     ``suffix_of(case_id, paths, ndim)`` names the output format of each case; ``record`` goes into
@@ -87,10 +127,18 @@ def predict_cases(model: keras.Model, preprocessing: dict, cases: dict[str, list
             spatial_ndim = image.array.ndim - (len(paths) > 1)
             if spatial_ndim not in (2, 3):
                 raise InputError(paths[0], f"expected a 2D image or 3D volume, got shape {image.array.shape}")
-            label_map = predict_image(model, image.array, len(paths), preprocessing, batch_size)
+            label_map, probabilities = predict_image(model, image.array, len(paths), preprocessing, batch_size,
+                                                     spacing=image.spacing, options=options, with_probabilities=True)
             reference = io.LoadedImage(label_map, image.spacing, image.affine, image.source)
             mask_name = f"{case_id}{suffix_of(case_id, paths, spatial_ndim)}"
             io.write_mask(label_map, tmp_dir / mask_name, reference=reference)
+            if probabilities is not None:
+                from segmenter.io.nifti import write_nifti_image
+
+                (tmp_dir / layout.PROBABILITIES_DIR).mkdir(exist_ok=True)
+                write_nifti_image(probabilities, tmp_dir / layout.PROBABILITIES_DIR / f"{case_id}.nii.gz",
+                                  reference.affine if reference.affine is not None
+                                  else np.diag([*(image.spacing or (1.0,) * 3), 1.0]))
             if preview is not None:
                 preview.add(case_id, image, len(paths), label_map, mask_name)
             if dicom_seg:
@@ -110,11 +158,12 @@ def predict_test_set(config: Config) -> PredictResult:
     """Segment the preloaded test cases into ``predict/test/``, each in its source's format at its own geometry."""
     manifest = read_manifest(config.preloaded_dir)
     check_classes(config.classes, manifest.classes, f"the preloaded dataset {config.preloaded_dir}")
-    model, preprocessing = load_trained_model(config)
-    train_dir = config.stage_dir("train")
-    consistency.check_model_data(preprocessing, manifest, train_dir, config.preloaded_dir)
+    model, preprocessing, model_files = trained_models(config)
+    for folder in model_dirs(config):
+        consistency.check_model_data(read_json(layout.preprocessing_path(folder)), manifest, folder,
+                                     config.preloaded_dir)
     consistency.check_model_input(model.input_shape, manifest.sample_size, len(manifest.channels),
-                                  layout.model_path(train_dir), f"the preloaded dataset {config.preloaded_dir}")
+                                  model_files[0], f"the preloaded dataset {config.preloaded_dir}")
     for case in manifest.test.cases:  # the manifest's ids and suffixes become file names in predict/test
         layout.safe_name(case.id + case.output_suffix, "test case file name",
                          layout.manifest_path(config.preloaded_dir))
@@ -127,17 +176,51 @@ def predict_test_set(config: Config) -> PredictResult:
     out_dir = layout.test_predictions_dir(config.stage_dir("predict"))
     count = predict_cases(model, preprocessing, {case: cases[case] for case in suffixes}, out_dir,
                           lambda case_id, paths, ndim: suffixes[case_id], config.predict.batch_size,
-                          {"model": str(layout.model_path(train_dir)),
-                           # evaluate checks these: predictions of the current model and preload
-                           "model_sha256": consistency.model_digest(train_dir),
+                          {"model": str(model_files[0]) if len(model_files) == 1 else "fold ensemble",
+                           "model_files": [str(path) for path in model_files],
+                           # evaluate checks these: predictions of the current model(s) and preload
+                           "model_sha256": consistency.models_digest(model_files),
                            "preload_fingerprint": manifest.fingerprint,
-                           "input": str(layout.test_images_dir(config.preloaded_dir))})
+                           "input": str(layout.test_images_dir(config.preloaded_dir))}, options=config.predict)
     save_resolved_config(config, config.stage_dir("predict"))
     return PredictResult(out_dir, count)
 
 
-def predict_image(model, array: np.ndarray, num_channels: int, preprocessing: dict, batch_size: int) -> np.ndarray:
-    """Label map at the input's own size for a 2D image or, slice by slice, a 3D volume (channels last if several)."""
+def predict_image(model, array: np.ndarray, num_channels: int, preprocessing: dict, batch_size: int, *,
+                  spacing=None, options: Optional[PredictConfig] = None, with_probabilities: bool = False):
+    """Label map at the input's own size for a 2D image or a 3D volume (channels last if several).
+
+    A 2D model segments a volume slice by slice; a 3D model (``preprocessing["spatial_dims"]`` 3) segments it
+    whole, patch by patch (:func:`predict_volume`). ``options.keep_largest_component`` applies to both.
+    ``with_probabilities``: returns (labels, probabilities), the latter (*shape, K) float32 for a 3D model when
+    ``options.save_probabilities`` is on, else None.
+    """
+    options = options or PredictConfig()
+    labels, probabilities = _predict_image(model, array, num_channels, preprocessing, batch_size, spacing, options)
+    if options.keep_largest_component:
+        labels = keep_largest_components(labels)
+    return (labels, probabilities) if with_probabilities else labels
+
+
+def keep_largest_components(labels: np.ndarray) -> np.ndarray:
+    """Each class reduced to its largest connected component (faces, edges and corners connect), the rest
+    background: nnU-Net's "remove all but the largest component" post-processing."""
+    from scipy import ndimage
+
+    kept = labels.copy()
+    structure = np.ones((3,) * labels.ndim, dtype=bool)
+    for label in np.unique(labels):
+        if label == 0:
+            continue
+        components, count = ndimage.label(labels == label, structure=structure)
+        if count > 1:
+            sizes = np.bincount(components.ravel())
+            sizes[0] = 0
+            kept[(components != 0) & (components != sizes.argmax())] = 0
+    return kept
+
+
+def _predict_image(model, array, num_channels, preprocessing, batch_size, spacing, options: PredictConfig):
     channels = [NormalizationConfig.model_validate(item) for item in
                 (preprocessing["normalization"] if isinstance(preprocessing["normalization"], list)
                  else [preprocessing["normalization"]] * num_channels)]
@@ -147,6 +230,11 @@ def predict_image(model, array: np.ndarray, num_channels: int, preprocessing: di
                                f"the image has {num_channels}")
     size = tuple(preprocessing["image_size"])
     array = array.reshape(*array.shape[:array.ndim - (num_channels > 1)], num_channels)  # channels last
+    if preprocessing.get("spatial_dims", 2) == 3:
+        if array.ndim != 4:
+            raise InputError(None, f"the model is a 3D model; the image is 2D (shape {array.shape[:-1]})")
+        return predict_volume(model, array, spacing, channels, preprocessing, batch_size, options,
+                              with_probabilities=options.save_probabilities)
     if array.ndim == 3:
         slices = [array]
     else:
@@ -155,7 +243,49 @@ def predict_image(model, array: np.ndarray, num_channels: int, preprocessing: di
     batch = np.stack([prepare_image(s, channels, size)[1] for s in slices])
     probabilities = predict_probabilities(model, batch, batch_size)
     labels = [labels_at_size(p, s.shape[:2]) for p, s in zip(probabilities, slices)]
-    return labels[0] if array.ndim == 3 else np.stack(labels, axis=preprocessing.get("slice_axis", 2))
+    return (labels[0] if array.ndim == 3 else np.stack(labels, axis=preprocessing.get("slice_axis", 2))), None
+
+
+def mirroring_on(options: PredictConfig) -> bool:
+    """Mirroring test-time augmentation: as set, else on where TensorFlow sees a GPU (8x the work on a CPU)."""
+    if options.mirror is not None:
+        return options.mirror
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def predict_volume(model, array: np.ndarray, spacing, normalizations, preprocessing: dict, batch_size: int,
+                   options: PredictConfig, with_probabilities: bool = False):
+    """(label map, probabilities or None) of a volume (*spatial, C) on its own grid, from a 3D model trained on
+    patches.
+
+    The volume is prepared as the training volumes were (:func:`segmenter.volumes.prepare_volume`), predicted
+    patch by patch with Gaussian-weighted overlap (:func:`segmenter.sliding_window.sliding_window_predict`,
+    a float16 accumulator), and its class probabilities are taken back to the original grid class by class
+    before the argmax. ``with_probabilities``: also the (*spatial, K) float32 probabilities there.
+    """
+    from segmenter.manifest import VolumePlan
+    from segmenter.volumes import prepare_volume, probabilities_on_original_grid, probabilities_to_labels
+
+    plan = VolumePlan.model_validate(preprocessing["plan"])
+    prepared, _, geometry = prepare_volume(array, spacing, plan, normalizations)
+    _, probabilities = predict_prepared_volume(model, prepared, plan.patch_size, len(preprocessing["classes"]),
+                                               batch_size, options)
+    if with_probabilities:
+        on_grid = probabilities_on_original_grid(probabilities, geometry)
+        return on_grid.argmax(-1).astype(np.uint8), on_grid
+    return probabilities_to_labels(probabilities, geometry), None
+
+
+def predict_prepared_volume(model, volume: np.ndarray, patch_size, num_classes: int, batch_size: int,
+                            options: PredictConfig):
+    """(labels, float16 probabilities) of a volume prepared as the training volumes were, by sliding window."""
+    from segmenter.sliding_window import sliding_window_predict
+
+    return sliding_window_predict(lambda batch: model.predict_on_batch(batch), volume, patch_size,
+                                  num_classes=num_classes, overlap=options.overlap, batch_size=batch_size,
+                                  mirror_axes=(0, 1, 2) if mirroring_on(options) else (), return_probabilities=True)
 
 
 def labels_at_size(probabilities: np.ndarray, shape: Optional[tuple]) -> np.ndarray:
@@ -177,7 +307,7 @@ def predict_folder(config: Config, input_dir: Path, output_dir: Optional[Path] =
     ``dicom_seg``: also write ``<case>.seg.dcm`` for every DICOM series input (see :func:`predict_cases`).
     """
     input_dir = Path(input_dir).resolve()
-    model, preprocessing = load_trained_model(config)
+    model, preprocessing, model_files = trained_models(config)
     cases = io.list_image_cases(input_dir, len(preprocessing.get("channels", ["image"])))
     test_predictions = layout.test_predictions_dir(config.stage_dir("predict"))
     if output_dir is None:
@@ -187,7 +317,7 @@ def predict_folder(config: Config, input_dir: Path, output_dir: Optional[Path] =
     check_replaceable_folder(output_dir, [input_dir, test_predictions], [layout.PREDICTIONS_RECORD], "--output")
     count = predict_cases(model, preprocessing, cases, output_dir,
                           lambda case_id, paths, ndim: output_suffix(paths[0], ndim), config.predict.batch_size,
-                          {"input": str(input_dir), "model": str(layout.model_path(config.stage_dir("train")))},
-                          dicom_seg=dicom_seg, previews=True)
+                          {"input": str(input_dir), "model_files": [str(path) for path in model_files]},
+                          dicom_seg=dicom_seg, previews=True, options=config.predict)
     print(f"Previews: {Path(output_dir) / layout.PREVIEW_DIR / layout.PREVIEW_INDEX}")
     return PredictResult(output_dir, count)

@@ -34,6 +34,8 @@ RESOLVED_CONFIG = "config.resolved.json"
 # preload
 MANIFEST = "manifest.json"
 TEST_DIR = "test"
+# 3D (preload.spatial_dims 3): one file per training volume, resampled and normalised, in this folder.
+TRAIN_VOLUMES_DIR = "train"
 TEST_IMAGES = "images"
 TEST_LABELS = "labels"
 
@@ -50,22 +52,33 @@ KERAS_TUNER = "keras_tuner"
 MODEL_DIR = "model"
 MODEL = "model.keras"
 CHECKPOINTS = "checkpoints"
-LAST_CHECKPOINT = "last.keras"
-BEST_CHECKPOINT = "best.keras"
 CHECKPOINT_STATE = "state.json"
 CHECKPOINT_SETTINGS = "settings.json"
+#: The checkpoint after the last finished epoch and after the best epoch: each one folder, replaced whole
+#: (see training), holding MODEL (model and optimizer state), CHECKPOINT_STATE and CHECKPOINT_SETTINGS.
+LAST_CHECKPOINT_DIR = "last"
+BEST_CHECKPOINT_DIR = "best"
 HISTORY = "history.csv"
 TRAINING_CURVES = "training_curves.png"
 HYPERPARAMETERS = "hyperparameters.json"
+FOLD_PREFIX = "fold_"
+FOLDS_SUMMARY = "folds.json"
 PREPROCESSING = "preprocessing.json"
 
 # predict
 TEST_PREDICTIONS = "test"
 PREDICTIONS_RECORD = "predictions.json"
 PREVIEW_DIR = "preview"
+# predict.save_probabilities: probabilities/<case>.nii.gz beside the label maps of a 3D model.
+PROBABILITIES_DIR = "probabilities"
 PREVIEW_INDEX = "index.html"
 
 # evaluate
+# evaluate --follow: experiments/<experiment>/follow/ (scores.csv, best/model.keras with score.json).
+FOLLOW_DIR = "follow"
+FOLLOW_SCORES = "scores.csv"
+FOLLOW_BEST = "best"
+FOLLOW_BEST_SCORE = "score.json"
 METRICS = "metrics.csv"
 SUMMARY = "summary.json"
 FIGURES = "figures"
@@ -85,6 +98,11 @@ def manifest_path(preloaded_dir: Path) -> Path:
 def shard_name(split: str, number: int, count: int) -> str:
     """``train.npz`` for a split of one shard, else ``train-00000.npz``, ``train-00001.npz``, ..."""
     return f"{split}.npz" if count == 1 else f"{split}-{number:05d}.npz"
+
+
+def train_volume_name(case_id: str) -> str:
+    """``train/<case>.npz``: a training volume of a 3D dataset, relative to the preloaded dataset's folder."""
+    return f"{TRAIN_VOLUMES_DIR}/{case_id}.npz"
 
 
 def test_images_dir(preloaded_dir: Path) -> Path:
@@ -115,6 +133,30 @@ def preprocessing_path(train_dir: Path) -> Path:
 
 def hyperparameters_path(train_dir: Path) -> Path:
     return model_dir(train_dir) / HYPERPARAMETERS
+
+
+def checkpoints_dir(train_dir: Path) -> Path:
+    return Path(train_dir) / CHECKPOINTS
+
+
+def last_checkpoint_dir(train_dir: Path) -> Path:
+    """``train/checkpoints/last/``: model.keras, state.json and settings.json after the last finished epoch."""
+    return checkpoints_dir(train_dir) / LAST_CHECKPOINT_DIR
+
+
+def best_checkpoint_dir(train_dir: Path) -> Path:
+    """``train/checkpoints/best/``: the same after the best epoch."""
+    return checkpoints_dir(train_dir) / BEST_CHECKPOINT_DIR
+
+
+def last_checkpoint_path(train_dir: Path) -> Path:
+    """``train/checkpoints/last/model.keras`` (loads with keras.models.load_model after ``import segmenter``)."""
+    return last_checkpoint_dir(train_dir) / MODEL
+
+
+def fold_dir(train_dir: Path, fold: int) -> Path:
+    """``train/fold_<k>/``: fold k of a k-fold training (``segmenter train --fold k``), laid out like ``train/``."""
+    return Path(train_dir) / f"{FOLD_PREFIX}{fold}"
 
 
 def history_path(train_dir: Path) -> Path:

@@ -1,7 +1,7 @@
 """One run at a time per output: a lock per preloaded dataset and per stage of an experiment.
 
 Two runs that write the same outputs would interleave their files (two trainings writing one
-``checkpoints/last.keras``, two preloads swapping the same folder), and a stage reading the preloaded
+``checkpoints/last/model.keras``, two preloads swapping the same folder), and a stage reading the preloaded
 dataset while preload replaces it may mix two versions of it. So every stage run holds locks, taken when
 it starts and released when it ends, however it ends:
 

@@ -70,7 +70,9 @@ class _OverlapLoss(keras.losses.Loss):
     def call(self, y_true, y_pred):
         y_true = ops.cast(y_true, y_pred.dtype)
         per_class = self.overlap(*soft_confusion(y_true, y_pred))
-        return 1.0 - weighted_class_mean(per_class, self.class_weights)
+        # Shape (1,), not a scalar: Keras passes scalars through its reduction unscaled, so under a
+        # tf.distribute strategy the replicas' losses (and gradients) would be summed, not averaged.
+        return ops.reshape(1.0 - weighted_class_mean(per_class, self.class_weights), (1,))
 
     def get_config(self):
         return {**super().get_config(), "class_weights": self.class_weights, "smooth": self.smooth}

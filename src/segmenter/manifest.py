@@ -2,8 +2,10 @@
 
 A *case* is the unit of data: one 2D image or one 3D volume (one or more channels) with its label map.
 The manifest lists every case with its properties (:class:`CaseRecord`) and says which are in the training
-and the test split. The training split also lists its *samples*, the fixed-size 2D slices cut from its
-cases and stored in shards (see :mod:`segmenter.dataset`); the test split holds whole cases, stored at
+and the test split. The training split also lists its *samples*: for a 2D model the fixed-size 2D slices cut from its
+cases and stored in shards (see :mod:`segmenter.dataset`), for a 3D model (``spatial_dims`` 3) its whole
+volumes, resampled and normalised, one file each, from which training draws patches (:class:`VolumePlan`
+says how; see :mod:`segmenter.volume_dataset`); the test split holds whole cases, stored at
 their original geometry in ``test/images`` and ``test/labels`` (see :mod:`segmenter.layout`), never
 filtered by their labels.
 
@@ -61,7 +63,8 @@ class CaseRecord(_Model):
 
 
 class SampleRecord(_Model):
-    """One training sample: a 2D slice of a case at ``Manifest.sample_size``, stored in the shards."""
+    """One training sample: a 2D slice of a case at ``Manifest.sample_size``, stored in the shards; for a 3D
+    dataset a whole training volume, resampled (``original_shape`` is then its shape after resampling)."""
 
     id: str
     case: str
@@ -69,13 +72,34 @@ class SampleRecord(_Model):
     slice_index: int
     labels: list[int]
     original_shape: list[int]
-    #: Pixel spacing (row, column) after resizing to the sample size; None when unknown.
+    #: Pixel spacing (row, column) after resizing to the sample size (3D: the target spacing); None when unknown.
     spacing: Optional[list[float]] = None
+
+
+class VolumePlan(_Model):
+    """How a 3D dataset (``preload.spatial_dims`` 3) was prepared and what the model is planned for.
+
+    Training volumes are cropped (``crop_to_nonzero``), resampled to ``target_spacing`` and normalised;
+    prediction prepares a new volume the same way and undoes it on the output.
+    """
+
+    target_spacing: list[float]
+    #: Median shape of the training volumes after resampling.
+    median_shape: list[int]
+    patch_size: list[int]
+    batch_size: int
+    depth: int
+    #: Estimated memory of one training step at that batch size, in MB (see segmenter.preprocessing.planner).
+    estimated_mb: float
+    crop_to_nonzero: bool
+    #: Per channel: foreground intensity statistics over the training set (nnunet_ct normalisation), else None.
+    intensity_statistics: list[Optional[dict[str, float]]]
 
 
 class TrainSplit(_Model):
     cases: list[CaseRecord]
     samples: list[SampleRecord]
+    #: 2D: the shard files of the samples. 3D: one file per training volume, in the samples' order.
     shards: list[str]
     #: Samples that show each label, by label.
     samples_with_label: dict[int, int]
@@ -96,8 +120,11 @@ class Manifest(_Model):
     classes: list[str]
     #: Channel names, in the order of the model's input channels.
     channels: list[str]
-    #: (rows, columns) of the training samples.
+    #: (rows, columns) of the 2D training samples; the patch size for 3D.
     sample_size: list[int]
+    #: 2 or 3: what the model sees (``preload.spatial_dims``); 3D datasets carry their plan.
+    spatial_dims: Literal[2, 3] = 2
+    plan: Optional[VolumePlan] = None
     slice_axis: int
     #: The preload settings the data were prepared with (normalisation per channel and the rest).
     preprocessing: dict[str, Any]
@@ -109,6 +136,14 @@ class Manifest(_Model):
     train: TrainSplit
     test: TestSplit
     config: dict[str, Any]
+
+    def inference_preprocessing(self) -> dict[str, Any]:
+        """What inference needs to prepare new images exactly as the training samples were prepared (the
+        train stage writes it beside the model as ``preprocessing.json``)."""
+        return {**self.preprocessing, "classes": self.classes, "channels": self.channels,
+                "image_size": self.sample_size, "spatial_dims": self.spatial_dims,
+                "plan": None if self.plan is None else self.plan.model_dump(mode="json"),
+                "preload_fingerprint": self.fingerprint}
 
     def test_case(self, case_id: str) -> CaseRecord:
         for case in self.test.cases:

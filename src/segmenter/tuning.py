@@ -20,6 +20,7 @@ run the trials; when the search ends the chief writes the summary files. All pro
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import shutil
 import time
@@ -42,7 +43,7 @@ from segmenter.dataset import SliceSet, load_training_samples
 from segmenter.manifest import check_classes, read_manifest
 from segmenter.preprocessing import split_train_test
 from segmenter.preprocessing.split import grouped_folds
-from segmenter.training import OBJECTIVE, TimeBudget, apply_hyperparameters, build_compiled_model
+from segmenter.training import OBJECTIVE, TimeBudget, apply_hyperparameters, build_compiled_model, planned_settings
 
 # ----------------------------------------------------------------------------------------------------
 # The search space
@@ -83,11 +84,15 @@ DEFAULT_SEARCH_SPACE: dict[str, Any] = {
     "flip_vertical": [False, True],
 }
 
+# Entries of DEFAULT_SEARCH_SPACE left out for 3D datasets (a config may still search them).
+# The plan's batch size is planned for the config's base_filters, so they are not searched by default either.
+_NOT_SEARCHED_IN_3D = ("depth", "base_filters", "flip_vertical")
+
 # The one searchable name that is not a train setting; see above.
 WINDOW = "ct_window"
 
 # Train settings that the search controls itself (epochs, time) or that make no sense to search.
-_NOT_SEARCHABLE = {"model", "augmentation", "epochs", "time_budget_minutes", "use_tuned_hyperparameters",
+_NOT_SEARCHABLE = {"model", "augmentation", "volume", "epochs", "time_budget_minutes", "use_tuned_hyperparameters",
                    "class_weights", "encoder_weights"}
 
 
@@ -98,7 +103,11 @@ def searchable_names() -> set[str]:
 
 def search_space(config: Config) -> dict[str, Any]:
     """The default space with ``tune.search_space`` on top; entries set to None are left out."""
-    merged = {**DEFAULT_SEARCH_SPACE, **config.tune.search_space}
+    defaults = DEFAULT_SEARCH_SPACE
+    if config.preload.spatial_dims == 3:
+        # The 3D plan sets the depth to suit its patch size, and 2D flips do not apply to volumes.
+        defaults = {name: spec for name, spec in defaults.items() if name not in _NOT_SEARCHED_IN_3D}
+    merged = {**defaults, **config.tune.search_space}
     return {name: spec for name, spec in merged.items() if spec is not None}
 
 
@@ -154,6 +163,9 @@ def validate_search_space(config: Config) -> dict[str, Any]:
             except ValidationError as error:
                 raise ConfigError(f"{where}: {value!r}: {error.errors()[0]['msg']}") from None
     if WINDOW in space:
+        if config.preload.spatial_dims == 3:
+            raise ConfigError(f"tune.search_space.{WINDOW}: searched for 2D slices only; for 3D give the window in "
+                              "preload.normalization")
         _check_window_inputs(config)
     return space
 
@@ -254,10 +266,13 @@ class SegmentationHyperModel(kt.HyperModel):
         self.folds = folds
         self.space = search_space(config)
         self._train_slices: Optional[SliceSet] = None
+        # A 3D dataset's plan gives the batch size and depth the config leaves out; trial values go on top.
+        self.plan = read_manifest(config.preloaded_dir).plan
+        self.base_settings = planned_settings(config.train, self.plan)
 
     def _settings(self, hp: kt.HyperParameters) -> TrainConfig:
         values = {name: declare(hp, name, spec) for name, spec in self.space.items()}
-        return apply_hyperparameters(self.config.train, values)
+        return apply_hyperparameters(self.base_settings, values)
 
     def build(self, hp):
         settings = self._settings(hp)
@@ -285,6 +300,16 @@ class SegmentationHyperModel(kt.HyperModel):
         """Train on fold ``fold``'s training part and validate on its validation part."""
         settings = self._settings(hp)
         train_indices, validation_indices_ = self.folds[fold]
+        if self.plan is not None:
+            from segmenter.volume_dataset import patch_datasets
+
+            # Epochs are drawn lazily, as many as the trial runs; Hyperband continues a trial at its epoch.
+            dataset, count, validation, _, _ = patch_datasets(
+                self.config.preloaded_dir, self.plan.patch_size, self.config.num_classes, settings, train_indices,
+                validation_indices_, seed=self.config.seed, first_epoch=kwargs.get("initial_epoch", 0),
+                epochs=2**31 - 1)
+            return model.fit(dataset, validation_data=validation, steps_per_epoch=math.ceil(count / settings.batch_size),
+                             shuffle=False, verbose=2, **kwargs)
         return model.fit(self._dataset(settings, hp, train_indices, training=True),
                          validation_data=self._dataset(settings, hp, validation_indices_, training=False),
                          shuffle=False, verbose=2, **kwargs)  # The datasets shuffle themselves.

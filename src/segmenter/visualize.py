@@ -8,7 +8,7 @@ cases are read from ``test/images`` and ``test/labels`` and predicted exactly as
 them (:mod:`segmenter.inference`), at their own geometry; of a volume the plane with the most true
 foreground along the slice axis is shown. The samples or cases are evenly spaced over the split (by
 position, never by their labels). The model is ``train/model/model.keras`` or any ``.keras`` checkpoint, e.g.
-``train/checkpoints/last.keras`` while training runs. The figure goes to ``predict/visualize_<split>.png``.
+``train/checkpoints/last/model.keras`` while training runs. The figure goes to ``predict/visualize_<split>.png``.
 
 ``predict --input`` writes, beside the label maps, ``preview/<case>.png`` (the image in grey with the label
 map in colour; of a volume the plane with the most predicted foreground along the slice axis, of several
@@ -129,8 +129,7 @@ def _load_model(config: Config, manifest: Manifest, checkpoint: Optional[Path]):
     if model.output_shape[-1] != len(manifest.classes):
         raise ConfigError(f"{path}: the model has {model.output_shape[-1]} output channels but the preloaded "
                           f"dataset has {len(manifest.classes)} classes {manifest.classes}")
-    preprocessing = {**manifest.preprocessing, "classes": manifest.classes, "channels": manifest.channels}
-    return model, preprocessing, path
+    return model, manifest.inference_preprocessing(), path
 
 
 def check_checkpoint(config: Config, checkpoint: Path) -> Path:
@@ -140,10 +139,10 @@ def check_checkpoint(config: Config, checkpoint: Path) -> Path:
     """
     path = Path(checkpoint).expanduser()
     if not path.is_file():
-        example = config.stage_dir("train") / layout.CHECKPOINTS / layout.LAST_CHECKPOINT
+        example = layout.last_checkpoint_path(config.stage_dir("train"))
         raise FileNotFoundError(f"{path}: no such model file; --checkpoint takes a .keras file, e.g. {example}")
     if path.suffix != ".keras":
-        raise InputError(path, "not a Keras model file (.keras); --checkpoint takes e.g. checkpoints/last.keras")
+        raise InputError(path, "not a Keras model file (.keras); --checkpoint takes e.g. checkpoints/last/model.keras")
     return path
 
 
@@ -155,6 +154,8 @@ def _training_rows(config: Config, manifest: Manifest, model, count: int) -> tup
     if total == 0:
         raise InputError(config.preloaded_dir, "the preloaded dataset has no training samples")
     picked = grid_indices(total, count)
+    if manifest.spatial_dims == 3:
+        return [_training_volume_row(config, manifest, model, index) for index in picked], total
     parts, start = [], 0
     for name in manifest.train.shards:
         shard = load_shard(Path(config.preloaded_dir) / name)
@@ -170,6 +171,23 @@ def _training_rows(config: Config, manifest: Manifest, model, count: int) -> tup
         rows.append(_Row(str(samples.ids[i]), samples.images[i], samples.masks[i],
                          inference.labels_at_size(probabilities[i], None), aspect=_aspect(spacing)))
     return rows, total
+
+
+def _training_volume_row(config: Config, manifest: Manifest, model, index: int) -> _Row:
+    """A 3D training volume as stored (resampled, normalised), predicted whole by sliding window; the plane
+    along ``preload.slice_axis`` with the most true foreground is drawn."""
+    from segmenter.inference import predict_prepared_volume
+
+    with np.load(Path(config.preloaded_dir) / manifest.train.shards[index]) as data:
+        image, truth = data["image"], data["labels"]
+    pred, _ = predict_prepared_volume(model, image, manifest.plan.patch_size, len(manifest.classes),
+                                      config.predict.batch_size, config.predict)
+    axis = manifest.slice_axis
+    plane = plane_with_most_foreground(truth, axis, fallback=pred)
+    in_plane = [manifest.plan.target_spacing[a] for a in range(3) if a != axis]
+    return _Row(manifest.train.samples[index].id, np.take(image, plane, axis=axis), np.take(truth, plane, axis=axis),
+                np.take(pred, plane, axis=axis), aspect=_aspect(in_plane),
+                note=f"plane {plane + 1} of {truth.shape[axis]}")
 
 
 def _test_rows(config: Config, manifest: Manifest, model, preprocessing: dict, count: int) -> tuple[list[_Row], int]:
@@ -191,7 +209,8 @@ def _test_rows(config: Config, manifest: Manifest, model, preprocessing: dict, c
             raise FileNotFoundError(f"{images_dir.parent}: test case {case_id} missing; run the preload stage again")
         paths = image_files[case_id]
         image = io.read_channels(paths)
-        pred = inference.predict_image(model, image.array, len(paths), preprocessing, config.predict.batch_size)
+        pred = inference.predict_image(model, image.array, len(paths), preprocessing, config.predict.batch_size,
+                                       spacing=image.spacing, options=config.predict)
         truth = io.read_mask(label_files[case_id], reference=image).array
         note, array, spacing = "", image.array, image.spacing
         if truth.ndim == 3:

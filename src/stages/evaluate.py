@@ -17,6 +17,10 @@ Three modes:
       paired plots of per-image Dice and Wilcoxon signed-rank tests; writes comparison.csv,
       comparison.json, figures/ and report.html into --out (default ./comparison).
 
+  segmenter evaluate --follow [--interval SECONDS] [--once]
+      beside a running `segmenter train` (with train.validation_fraction): scores each new checkpoint on the
+      validation cases, keeps the best; writes experiments/<experiment>/follow/ (see segmenter.evaluation.follow).
+
 The last line printed is the report's path. The folder and compare modes need no config.
 """
 import argparse
@@ -87,12 +91,22 @@ def main(argv=None, prog=None) -> int:
     compare = parser.add_argument_group("comparing runs (no --config)")
     compare.add_argument("--compare", nargs="+", type=Path, metavar="RUN_DIR",
                          help="two or more folders holding metrics.csv and summary.json")
+    follow = parser.add_argument_group("following a training run (experiment mode)")
+    follow.add_argument("--follow", action="store_true",
+                        help="score each new checkpoint of the running training on its validation cases and keep "
+                             "the best, until the training ends; writes experiments/<experiment>/follow/")
+    follow.add_argument("--interval", type=_tolerance, default=30.0, metavar="SECONDS",
+                        help="with --follow: seconds between looks for a new checkpoint (default 30)")
+    follow.add_argument("--once", action="store_true", help="with --follow: score what is there and return")
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="output folder of the --truth/--pred and --compare modes")
     args = parser.parse_args(argv)
 
     folder_options = (args.truth or args.pred or args.classes or args.spacing or args.images or args.window
                       or args.hd95)
+    if args.follow and (args.compare or folder_options):
+        parser.error("--follow follows an experiment's training: it takes --config/--set, not --truth/--pred or "
+                     "--compare")
     if (args.compare or folder_options) and (args.config or args.overrides):
         parser.error("--config and --set belong to the experiment mode, not to --truth/--pred or --compare")
     if args.compare:
@@ -118,7 +132,15 @@ def main(argv=None, prog=None) -> int:
     if args.out:
         parser.error("--out belongs to the --truth/--pred and --compare modes; an experiment writes to "
                      "experiments/<experiment>/evaluate/")
+    if (args.once or args.interval != 30.0) and not args.follow:
+        parser.error("--once and --interval belong to --follow")
     config = cli.load_config_or_exit(args)
+    if args.follow:
+        cli.quiet_tensorflow()
+        from segmenter.evaluation import follow as following
+
+        cli.announce_device()
+        return cli.run_stage(lambda: following.follow_training(config, args.interval, once=args.once))
     from segmenter.evaluation import pipeline
 
     cli.announce_device(uses_tensorflow=False)

@@ -27,7 +27,7 @@ def main(argv=None, prog=None) -> int:
                              "truth, prediction and overlay to experiments/<experiment>/predict/visualize_<split>.png")
     parser.add_argument("--checkpoint", type=Path, default=None, metavar="PATH",
                         help="with --visualize: the model to draw, a .keras file such as "
-                             "experiments/<experiment>/train/checkpoints/last.keras (default: train/model/model.keras)")
+                             "experiments/<experiment>/train/checkpoints/last/model.keras (default: train/model/model.keras)")
     parser.add_argument("--count", type=int, default=None, metavar="N",
                         help="with --visualize: how many samples or cases to draw, 1 to 48 (default 8)")
     args = parser.parse_args(argv)

@@ -56,16 +56,23 @@ def comparison_figure(
     *,
     spacing: Optional[Sequence[float]] = None,
     scores: Optional[dict] = None,
+    anatomical_planes: bool = True,
 ) -> Path:
     """Four panels for one slice and class: image, true mask, predicted mask, agreement overlay.
+
+    Of a volume (3D masks), three rows of these panels: the axial, coronal and sagittal planes through the
+    centre of mass of the class's true and predicted voxels (see :func:`orthogonal_planes`).
 
     Parameters
     ----------
     image2d : ndarray, shape (row, column) or (row, column, channel), or None
         The slice; of several channels the first is shown. None (masks without their image, as when
-        scoring two folders of masks) leaves out the image panel and draws the overlay on black.
-    truth_label_map, pred_label_map : ndarray of int, shape (row, column)
-        Class indices.
+        scoring two folders of masks) leaves out the image panel and draws the overlay on black. With 3D
+        masks, the volume (its shape, or with a trailing channel axis).
+    truth_label_map, pred_label_map : ndarray of int, shape (row, column) or (row, column, plane)
+        Class indices. A volume is expected in the display orientation of
+        :data:`segmenter.evaluation.folders.DISPLAY_AXES` (rows anterior to posterior, columns patient-right
+        to patient-left, planes inferior to superior).
     class_id, class_name : int, str
         The class drawn and named.
     title : str
@@ -74,54 +81,169 @@ def comparison_figure(
         Where the PNG is written.
     display_window : (float, float) or None
         Intensity range mapped to black..white (e.g. a CT window in HU); None uses the 1st-99th
-        percentile of the image.
-    spacing : (float, float) or None
-        Pixel spacing in mm, for HD95 in mm; None (or NaN) gives pixels.
+        percentile of the image (of a volume, of the three planes shown).
+    spacing : sequence of float or None
+        Pixel spacing in mm per array axis, for HD95 in mm and the pixels' drawn shape; None (or NaN) gives
+        pixels.
     scores : dict or None
-        The case's ``dice``, ``hd95`` and ``case`` as scored (a volume's, when a plane of it is drawn), shown
-        in the title; None: those of the drawn slice.
+        The case's ``dice``, ``hd95`` and ``case`` as scored (a volume's), shown in the title; None: those of
+        the masks given.
+    anatomical_planes : bool
+        Of a volume: name the rows axial, coronal and sagittal (the volume is in display orientation);
+        False names them by array axis only (a volume without an affine, whose orientation is unknown).
 
     Returns
     -------
     path : Path
     """
+    return _save(comparison_drawing(image2d, truth_label_map, pred_label_map, class_id, class_name, title,
+                                    display_window, spacing=spacing, scores=scores,
+                                    anatomical_planes=anatomical_planes), path)
+
+
+def comparison_drawing(
+    image: Optional[np.ndarray],
+    truth_label_map: np.ndarray,
+    pred_label_map: np.ndarray,
+    class_id: int,
+    class_name: str,
+    title: str,
+    display_window: Optional[tuple[float, float]] = None,
+    *,
+    spacing: Optional[Sequence[float]] = None,
+    scores: Optional[dict] = None,
+    anatomical_planes: bool = True,
+) -> Figure:
+    """The figure :func:`comparison_figure` saves (same parameters but the path), unsaved."""
     truth = np.asarray(truth_label_map) == class_id
     pred = np.asarray(pred_label_map) == class_id
-    has_image = image2d is not None
-    image = _as_2d_image(image2d) if has_image else np.zeros(truth.shape)
+    has_image = image is not None
+    if truth.ndim == 3:
+        image = None if image is None else np.asarray(image, dtype=np.float64)
+        if image is not None and image.ndim == 4:  # a trailing channel axis: the first channel is shown
+            image = image[..., 0]
+    else:
+        image = _as_2d_image(image) if has_image else None
+    if image is None:
+        image = np.zeros(truth.shape)
     if truth.shape != image.shape or pred.shape != image.shape:
         raise ValueError(f"image {image.shape} and masks {truth.shape}, {pred.shape} differ in shape")
     spacing = known_spacing(spacing)
+    if spacing is not None and len(spacing) != truth.ndim:
+        raise ValueError(f"spacing {spacing} does not match masks of {truth.ndim} axes")
     unit = "px" if spacing is None else "mm"
     # The tolerance does not matter here: only Dice and HD95 are shown.
     metrics = scores if scores is not None else segmentation_metrics(truth, pred, spacing, nsd_tolerance=1.0)
-    low, high = _window(image, display_window) if has_image else (0.0, 1.0)
-    # Pixels drawn with their physical shape (row mm / column mm), so anisotropic slices are not distorted.
-    aspect = 1.0 if spacing is None else spacing[0] / spacing[1]
+    if truth.ndim == 3:
+        centre = orthogonal_planes(truth, pred, True)
+        rows = [(name, *(_plane_view(volume, axis, centre[axis]) for volume in (image, truth, pred)),
+                 None if spacing is None else _plane_spacing(spacing, axis))
+                for axis, name in _plane_names(truth.shape, centre, anatomical_planes)]
+        shown = np.concatenate([view.ravel() for _, view, *_ in rows])
+    else:
+        rows = [(None, image, truth, pred, spacing)]
+        shown = image
+    low, high = _window(shown, display_window) if has_image else (0.0, 1.0)
 
-    figure = Figure(figsize=(13, 3.9) if has_image else (10, 3.9))
-    axes = list(figure.subplots(1, 4 if has_image else 3))
-    if has_image:
-        axes[0].imshow(image, cmap="gray", vmin=low, vmax=high, aspect=aspect)
-        axes[0].set_title(f"Image (window {low:.4g} to {high:.4g})")
-    true_axis, pred_axis, overlay_axis = axes[-3:]
-    true_axis.imshow(truth, cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
-    true_axis.set_title(f"True {class_name}")
-    pred_axis.imshow(pred, cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
-    pred_axis.set_title(f"Predicted {class_name}")
-    overlay_axis.imshow(image, cmap="gray", vmin=low, vmax=high, aspect=aspect)
-    overlay_axis.imshow(_overlay_codes(truth, pred), cmap=_OVERLAY_CMAP, vmin=0, vmax=3, aspect=aspect,
-                        alpha=0.6 if has_image else 1.0, interpolation="nearest")
-    overlay_axis.set_title("Overlay")
+    height = 3.9 if len(rows) == 1 else 3.2 * len(rows) + 0.8
+    figure = Figure(figsize=(13 if has_image else 10, height))
+    grid = figure.subplots(len(rows), 4 if has_image else 3, squeeze=False)
+    for index, (label, image_view, truth_view, pred_view, view_spacing) in enumerate(rows):
+        _panel_row(list(grid[index]), image_view if has_image else None, truth_view, pred_view, class_name,
+                   low, high, view_spacing, titles=index == 0, label=label)
     figure.legend(handles=_OVERLAY_LEGEND, loc="lower center", ncol=3, fontsize=9, frameon=False)
-    for axis in axes:
-        axis.set_axis_off()
     figure.suptitle(
         f"{title} | {class_name}: Dice {_fmt(metrics['dice'], 3)}, HD95 {_fmt(metrics['hd95'], 2)} {unit}"
         f" ({metrics['case'].replace('_', ' ')})"
     )
-    figure.tight_layout(rect=(0, 0.06, 1, 1))
-    return _save(figure, path)
+    # The legend takes the same height (0.06 of the 2D figure's 3.9 inches) whatever the figure's height.
+    figure.tight_layout(rect=(0, 0.06 * 3.9 / height, 1, 1))
+    return figure
+
+
+def orthogonal_planes(truth_label_map: np.ndarray, pred_label_map: np.ndarray, class_id) -> tuple[int, ...]:
+    """Index on each axis of the planes through the centre of mass of a class's true and predicted voxels.
+
+    The centre of mass of their union, rounded to the nearest voxel; the centre of the volume when neither
+    holds the class. ``class_id`` may be ``True`` for boolean masks.
+    """
+    truth, pred = np.asarray(truth_label_map), np.asarray(pred_label_map)
+    union = (truth == class_id) | (pred == class_id)
+    if not union.any():
+        return tuple(size // 2 for size in union.shape)
+    # Voxel counts per index along each axis give the centre of mass without listing every voxel.
+    centre = []
+    for axis, size in enumerate(union.shape):
+        counts = union.sum(axis=tuple(other for other in range(union.ndim) if other != axis), dtype=np.int64)
+        mean = float(np.dot(counts, np.arange(size))) / float(counts.sum())
+        centre.append(min(size - 1, max(0, int(math.floor(mean + 0.5)))))
+    return tuple(centre)
+
+
+def _panel_row(axes: list, image: Optional[np.ndarray], truth: np.ndarray, pred: np.ndarray, class_name: str,
+               low: float, high: float, spacing: Optional[Sequence[float]], *, titles: bool = True,
+               label: Optional[str] = None) -> None:
+    """Draw one plane as a row of panels: image (when given), true mask, predicted mask, overlay.
+
+    ``axes`` holds 4 axes with an image, else 3 (the overlay is then drawn on black). ``spacing`` (row mm,
+    column mm) draws pixels with their physical shape, so anisotropic planes are not distorted. ``label``
+    names the row, left of its first panel.
+    """
+    has_image = image is not None
+    if not has_image:
+        image = np.zeros(truth.shape)
+    aspect = 1.0 if spacing is None else spacing[0] / spacing[1]
+    if has_image:
+        axes[0].imshow(image, cmap="gray", vmin=low, vmax=high, aspect=aspect)
+        if titles:
+            axes[0].set_title(f"Image (window {low:.4g} to {high:.4g})")
+    true_axis, pred_axis, overlay_axis = axes[-3:]
+    true_axis.imshow(truth, cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
+    pred_axis.imshow(pred, cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
+    overlay_axis.imshow(image, cmap="gray", vmin=low, vmax=high, aspect=aspect)
+    overlay_axis.imshow(_overlay_codes(truth, pred), cmap=_OVERLAY_CMAP, vmin=0, vmax=3, aspect=aspect,
+                        alpha=0.6 if has_image else 1.0, interpolation="nearest")
+    if titles:
+        true_axis.set_title(f"True {class_name}")
+        pred_axis.set_title(f"Predicted {class_name}")
+        overlay_axis.set_title("Overlay")
+    for axis in axes:
+        axis.set_axis_off()
+    if label is not None:
+        # A y label needs the axis on: keep it, without ticks or frame.
+        first = axes[0]
+        first.set_axis_on()
+        first.set_xticks([])
+        first.set_yticks([])
+        for spine in first.spines.values():
+            spine.set_visible(False)
+        first.set_ylabel(label, fontsize=10)
+
+
+def _plane_view(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """The plane at ``index`` on ``axis`` of a (row, column, plane) volume, turned for display.
+
+    Axis 2 (axial in display orientation): the plane as stored. Axis 0 (coronal) and axis 1 (sagittal):
+    the volume's last axis runs up the picture (superior at the top), the other stays horizontal.
+    """
+    if axis == 2:
+        return volume[:, :, index]
+    return np.flipud(np.take(volume, index, axis=axis).T)
+
+
+def _plane_spacing(spacing: Sequence[float], axis: int) -> tuple[float, float]:
+    """(row mm, column mm) of the plane :func:`_plane_view` draws for ``axis``."""
+    return {2: (spacing[0], spacing[1]), 0: (spacing[2], spacing[1]), 1: (spacing[2], spacing[0])}[axis]
+
+
+def _plane_names(shape: Sequence[int], centre: Sequence[int], anatomical: bool) -> list[tuple[int, str]]:
+    """(axis, row label) of the three rows: axial, coronal, sagittal."""
+    names = {2: "Axial", 0: "Coronal", 1: "Sagittal"}
+    rows = []
+    for axis in (2, 0, 1):
+        where = f"index {centre[axis]} of {shape[axis]} on axis {axis}"
+        rows.append((axis, f"{names[axis]}\n({where})" if anatomical else f"Plane at {where}"))
+    return rows
 
 
 def select_cases(table: pd.DataFrame, class_name: str) -> dict[str, str]:
@@ -316,8 +438,9 @@ def correlation_figure(table: pd.DataFrame, quantity: str, path: Path, *, unit: 
 def training_curves_figure(history_csv_path: Path, path: Path) -> Path:
     """Loss and Dice per epoch from a Keras ``CSVLogger`` file (columns epoch, loss, ..., val_...).
 
-    Epochs are numbered from 1, as Keras prints them (the CSV's ``epoch`` column counts from 0). The epoch
-    with the lowest validation loss, when logged, is marked with a dotted line.
+    Epochs are numbered from 1, as Keras prints them (the CSV's ``epoch`` column counts from 0). The epoch the
+    train stage keeps as best (highest validation mean foreground Dice; lowest validation loss when no Dice is
+    logged) is marked with a dotted line.
     """
     # Keras' CSVLogger adds empty val_* columns when training had no validation data: drop them.
     history = pd.read_csv(history_csv_path).dropna(axis="columns", how="all")
@@ -330,14 +453,21 @@ def training_curves_figure(history_csv_path: Path, path: Path) -> Path:
     panels = [(axes[0], [c for c in ("loss", "val_loss") if c in history.columns], "loss")]
     if dice_columns:
         panels.append((axes[1], dice_columns, "Dice"))
-    best_epoch = int(epochs.iloc[int(history["val_loss"].to_numpy().argmin())]) if "val_loss" in history else None
+    # The epoch the train stage keeps as best.keras: the highest validation mean foreground Dice (else loss).
+    objective = "val_mean_foreground_dice" if "val_mean_foreground_dice" in history else None
+    if objective is not None:
+        best_epoch, best_label = int(epochs.iloc[int(history[objective].to_numpy().argmax())]), "best validation Dice"
+    elif "val_loss" in history:
+        best_epoch, best_label = int(epochs.iloc[int(history["val_loss"].to_numpy().argmin())]), "lowest validation loss"
+    else:
+        best_epoch = None
     for axis, columns, ylabel in panels:
         for column in columns:
             axis.plot(epochs, history[column], marker="o", markersize=3,
                       label=column.replace("val_", "validation ").replace("_", " "))
         if best_epoch is not None:
             axis.axvline(best_epoch, color="#555555", linestyle=":",
-                         label=f"lowest validation loss (epoch {best_epoch})")
+                         label=f"{best_label} (epoch {best_epoch})")
         axis.set_xlabel("epoch")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_ylabel(ylabel)

@@ -384,19 +384,17 @@ def _choose_spacings(header_spacings: dict[str, Optional[tuple[float, ...]]], di
     return {case: None for case in header_spacings}, "unknown: distances in pixels (pass --spacing for mm)"
 
 
-def _display_slice(truth: np.ndarray, pred: np.ndarray, image: Optional[np.ndarray] = None,
-                   class_id: Optional[int] = None):
-    """A 2D view of a pair (and its image): itself if 2D, else the plane (last axis: axial for volumes with an
-    affine, see DISPLAY_AXES) with the most true foreground.
+def _display_slice(truth: np.ndarray, pred: np.ndarray, image: Optional[np.ndarray] = None):
+    """A 2D view of a pair (and its image), for the grid of all cases: itself if 2D, else the plane (last
+    axis: axial for volumes with an affine, see DISPLAY_AXES) with the most true foreground.
 
     Returns (truth2d, pred2d, image2d or None, plane index or None).
     """
     if truth.ndim == 2:
         return truth, pred, image, None
-    selected = (lambda labels: labels > 0) if class_id is None else (lambda labels: labels == class_id)
-    counts = selected(truth).sum(axis=(0, 1))
+    counts = (truth > 0).sum(axis=(0, 1))
     if not counts.any():
-        counts = selected(pred).sum(axis=(0, 1))
+        counts = (pred > 0).sum(axis=(0, 1))
     plane = int(counts.argmax()) if counts.any() else truth.shape[-1] // 2
     return truth[..., plane], pred[..., plane], None if image is None else image[..., plane], plane
 
@@ -416,21 +414,19 @@ def _draw_figures(folder: Path, pairs: MaskPairs, table: pd.DataFrame, class_nam
             truth_array, pred_array = truth.array, pred.array
             if relabel_255:
                 truth_array, pred_array = (np.where(a == 255, 1, a) for a in (truth_array, pred_array))
-            truth2d, pred2d, image2d, plane = _display_slice(truth_array, pred_array,
-                                                             None if image is None else image.array, class_id)
-            case_spacing = spacings[case]
-            if plane is not None and case_spacing is not None:
-                case_spacing = case_spacing[:2]
-            where = case if plane is None else f"{case}, plane {plane}"
+            volume = truth_array.ndim == 3
+            # A volume with an affine was turned to DISPLAY_AXES, so its planes have anatomical names.
+            oriented = any(item is not None and item.affine is not None for item in (truth, pred, image))
             row = table[(table.image_id == case) & (table["class"] == class_name)].iloc[0]
-            path = figures.comparison_figure(image2d, truth2d, pred2d, class_id, class_name,
-                                             f"{class_name}, {rank} case: {where}",
+            path = figures.comparison_figure(None if image is None else image.array, truth_array, pred_array,
+                                             class_id, class_name, f"{class_name}, {rank} case: {case}",
                                              folder / f"compare_{_file_safe(class_name)}_{rank}.png", window,
-                                             spacing=case_spacing,
+                                             spacing=spacings[case], anatomical_planes=oriented,
                                              scores={"dice": row.dice, "hd95": row.hd95, "case": row.case})
-            comparisons.append((path, f"{class_name}: {rank} case by Dice ({where}, Dice {row.dice:.3f}"
-                                      + (", whole-volume Dice; the plane with the most true foreground is shown)"
-                                         if plane is not None else ")")))
+            planes = ("axial, coronal and sagittal planes" if oriented else "three orthogonal planes")
+            comparisons.append((path, f"{class_name}: {rank} case by Dice ({case}, Dice {row.dice:.3f}"
+                                      + (f", whole-volume Dice; the {planes} through the centre of the true and "
+                                         "predicted structure are shown)" if volume else ")")))
     sections["Best, median and worst cases"] = comparisons
     ids = [case for case in pairs.matched if case in thumbnails]
     images = [thumbnails[c][2] for c in ids] if pairs.images else None

@@ -1,5 +1,10 @@
 """Layer blocks shared by every architecture: normalisation, convolution blocks, up-sampling, output head.
 
+Every block works on 2D tensors (batch, height, width, channels) and 3D tensors (batch, depth, height,
+width, channels) alike: it reads the number of spatial dimensions from the rank of its input tensor and
+picks the matching layer class (Conv2D or Conv3D, MaxPooling2D or MaxPooling3D, ...) through
+``layer_class``, so one block library serves both and architectures built from it are dimension-parametric.
+
 Each block is a short function that takes a tensor and its settings and returns a tensor, so that an
 architecture reads top to bottom as a list of blocks. Every layer gets an explicit name built from the
 block's name, which keeps saved models readable and lets ``set_encoder_trainable`` find the encoder by
@@ -12,20 +17,60 @@ import math
 import keras
 from keras import layers
 
+# The layer class of each kind for 2 and 3 spatial dimensions. Normalisation, activation, Add,
+# Concatenate, Multiply and Dropout work on tensors of any rank and need no entry.
+_LAYER_CLASSES = {
+    "conv": {2: layers.Conv2D, 3: layers.Conv3D},
+    "transpose": {2: layers.Conv2DTranspose, 3: layers.Conv3DTranspose},
+    "max_pool": {2: layers.MaxPooling2D, 3: layers.MaxPooling3D},
+    "upsampling": {2: layers.UpSampling2D, 3: layers.UpSampling3D},
+}
+
+
+def spatial_dims(x) -> int:
+    """Number of spatial dimensions of a channels-last tensor: 2 for (batch, H, W, C), 3 for (batch, D, H, W, C)."""
+    dims = len(x.shape) - 2
+    if dims not in (2, 3):
+        raise ValueError(f"expected a (batch, height, width, channels) or (batch, depth, height, width, channels) "
+                         f"tensor, got shape {tuple(x.shape)}")
+    return dims
+
+
+def layer_class(kind: str, dims: int) -> type:
+    """The Keras layer class of ``kind`` ("conv", "transpose", "max_pool", "upsampling") for ``dims`` (2 or 3)."""
+    return _LAYER_CLASSES[kind][dims]
+
+
+def conv(x, filters: int, kernel_size: int, name: str, **kwargs):
+    """A Conv2D or Conv3D layer, whichever matches ``x``, applied to ``x``."""
+    return layer_class("conv", spatial_dims(x))(filters, kernel_size, name=name, **kwargs)(x)
+
+
+def max_pool(x, name: str):
+    """Halve every spatial size of ``x`` with a 2x2 (2x2x2 in 3D) max pooling."""
+    return layer_class("max_pool", spatial_dims(x))(2, name=name)(x)
+
+
+# Normalisation layers always compute in float32: under the "mixed_float16" policy GroupNormalization's
+# variance overflows/underflows in float16 and gives NaN (keras-team/keras issue 22586). Keras casts their
+# float16 inputs to float32 and the next layer casts back. Under the float32 policy the layer config is the
+# same as without the argument, so float32 models and their saved files are unchanged.
+NORMALIZATION_DTYPE = "float32"
+
 
 def group_normalization(channels: int, name: str) -> layers.Layer:
     # Up to 8 groups, and always a number of groups that divides the channels (GroupNormalization
     # requires it): 16 channels -> 8 groups, 12 channels -> 4 groups, 3 channels -> 1 group.
-    return layers.GroupNormalization(groups=math.gcd(8, channels), name=name)
+    return layers.GroupNormalization(groups=math.gcd(8, channels), name=name, dtype=NORMALIZATION_DTYPE)
 
 
 def instance_normalization(channels: int, name: str) -> layers.Layer:
     # One group per channel is instance normalisation.
-    return layers.GroupNormalization(groups=-1, name=name)
+    return layers.GroupNormalization(groups=-1, name=name, dtype=NORMALIZATION_DTYPE)
 
 
 def batch_normalization(channels: int, name: str) -> layers.Layer:
-    return layers.BatchNormalization(name=name)
+    return layers.BatchNormalization(name=name, dtype=NORMALIZATION_DTYPE)
 
 
 def no_normalization(channels: int, name: str) -> layers.Layer:
@@ -51,7 +96,8 @@ def normalize(x, normalization: str, name: str):
 def conv_norm_relu(x, filters: int, normalization: str, name: str, kernel_size: int = 3, dilation_rate: int = 1):
     """Convolution, normalisation, ReLU: the unit every block is made of."""
     # A bias right before a normalisation layer is cancelled by its mean subtraction, so it is dropped.
-    x = layers.Conv2D(
+    x = conv(
+        x,
         filters,
         kernel_size,
         padding="same",
@@ -59,7 +105,7 @@ def conv_norm_relu(x, filters: int, normalization: str, name: str, kernel_size: 
         use_bias=normalization == "none",
         kernel_initializer="he_normal",
         name=f"{name}_conv",
-    )(x)
+    )
     x = normalize(x, normalization, name=f"{name}_norm")
     return layers.Activation("relu", name=f"{name}_relu")(x)
 
@@ -75,19 +121,18 @@ def residual_block(x, filters: int, normalization: str, name: str):
     shortcut = x
     if x.shape[-1] != filters:
         # A 1x1 convolution matches the channel count so that the two paths can be added.
-        shortcut = layers.Conv2D(
-            filters, 1, use_bias=False, kernel_initializer="he_normal", name=f"{name}_shortcut_conv"
-        )(x)
+        shortcut = conv(x, filters, 1, use_bias=False, kernel_initializer="he_normal", name=f"{name}_shortcut_conv")
         shortcut = normalize(shortcut, normalization, name=f"{name}_shortcut_norm")
     x = conv_norm_relu(x, filters, normalization, name=f"{name}_1")
-    x = layers.Conv2D(
+    x = conv(
+        x,
         filters,
         3,
         padding="same",
         use_bias=normalization == "none",
         kernel_initializer="he_normal",
         name=f"{name}_2_conv",
-    )(x)
+    )
     x = normalize(x, normalization, name=f"{name}_2_norm")
     x = layers.Add(name=f"{name}_add")([shortcut, x])
     return layers.Activation("relu", name=f"{name}_relu")(x)
@@ -97,31 +142,37 @@ def attention_gate(skip, gating, inter_filters: int, name: str):
     """Weight the skip connection by attention coefficients computed from the decoder (Oktay et al. 2018).
 
     ``gating`` is the up-sampled decoder tensor at the skip's resolution. The gate learns a map in
-    [0, 1] per pixel that suppresses skip features away from the structure the decoder is looking for.
+    [0, 1] per pixel (voxel in 3D) that suppresses skip features away from the structure the decoder is looking for.
     """
-    theta = layers.Conv2D(inter_filters, 1, use_bias=False, kernel_initializer="he_normal", name=f"{name}_skip")(skip)
-    phi = layers.Conv2D(inter_filters, 1, kernel_initializer="he_normal", name=f"{name}_gating")(gating)
+    theta = conv(skip, inter_filters, 1, use_bias=False, kernel_initializer="he_normal", name=f"{name}_skip")
+    phi = conv(gating, inter_filters, 1, kernel_initializer="he_normal", name=f"{name}_gating")
     x = layers.Add(name=f"{name}_add")([theta, phi])
     x = layers.Activation("relu", name=f"{name}_relu")(x)
-    coefficients = layers.Conv2D(1, 1, activation="sigmoid", name=f"{name}_coefficients")(x)
+    coefficients = conv(x, 1, 1, activation="sigmoid", name=f"{name}_coefficients")
     # Multiply broadcasts the single-channel coefficients over the skip's channels.
     return layers.Multiply(name=f"{name}_apply")([skip, coefficients])
 
 
 def transpose_upsample(x, filters: int, name: str, kernel_size: int = 2):
     """Double the resolution with a learned transposed convolution."""
-    return layers.Conv2DTranspose(
+    return layer_class("transpose", spatial_dims(x))(
         filters, kernel_size, strides=2, padding="same", kernel_initializer="he_normal", name=f"{name}_transpose"
     )(x)
 
 
 def resize_upsample(x, filters: int, name: str, kernel_size: int = 2):
-    """Double the resolution with bilinear resizing, then a convolution sets the channel count.
+    """Double the resolution by resizing (bilinear in 2D, nearest in 3D), then a convolution sets the channels.
 
     Resizing avoids the checkerboard artefacts that transposed convolutions can produce.
     """
-    x = layers.UpSampling2D(2, interpolation="bilinear", name=f"{name}_resize")(x)
-    return layers.Conv2D(filters, kernel_size, padding="same", kernel_initializer="he_normal", name=f"{name}_conv")(x)
+    dims = spatial_dims(x)
+    # UpSampling3D only repeats voxels (it has no interpolation option), and a trilinear resize would
+    # need a Lambda or custom layer, which would stop saved models loading in safe mode. In 3D,
+    # nearest-neighbour repetition followed by the convolution below is still free of the checkerboard
+    # pattern, and the convolution smooths the blocky result.
+    interpolation = {"interpolation": "bilinear"} if dims == 2 else {}
+    x = layer_class("upsampling", dims)(2, name=f"{name}_resize", **interpolation)(x)
+    return conv(x, filters, kernel_size, padding="same", kernel_initializer="he_normal", name=f"{name}_conv")
 
 
 UPSAMPLINGS = {
@@ -143,29 +194,40 @@ def maybe_dropout(x, rate: float, name: str):
 
 
 def classifier(x, num_classes: int):
-    """Per-pixel class probabilities.
+    """Per-pixel (per-voxel in 3D) class probabilities.
 
     The softmax runs in float32 whatever the global dtype policy, so that under mixed precision the
     probabilities and the loss computed from them keep full precision.
     """
-    x = layers.Conv2D(num_classes, 1, name="logits")(x)
+    x = conv(x, num_classes, 1, name="logits")
     return layers.Activation("softmax", dtype="float32", name="probabilities")(x)
 
 
-def check_input_size(input_shape: tuple[int, int, int], divisor: int, architecture: str) -> None:
-    """Raise ValueError unless the image height and width are positive multiples of ``divisor``."""
-    if len(input_shape) != 3:
-        raise ValueError(f"input_shape must be (height, width, channels), got {tuple(input_shape)}")
-    height, width, channels = input_shape
+def check_input_size(input_shape: tuple[int, ...], divisor: int, architecture: str) -> None:
+    """Raise ValueError unless every spatial size is a positive multiple of ``divisor``.
+
+    ``input_shape`` is (height, width, channels) for 2D images or (depth, height, width, channels) for
+    3D volumes.
+    """
+    if len(input_shape) not in (3, 4):
+        raise ValueError(
+            f"input_shape must be (height, width, channels) or (depth, height, width, channels), "
+            f"got {tuple(input_shape)}"
+        )
+    *spatial, channels = input_shape
     if channels is None or channels < 1:
         raise ValueError(f"input_shape must have at least one channel, got {tuple(input_shape)}")
-    for size in (height, width):
+    sizes = "x".join(str(size) for size in spatial)
+    names = "image height and width" if len(spatial) == 2 else "volume depth, height and width"
+    for size in spatial:
         if size is None or size <= 0 or size % divisor:
             raise ValueError(
-                f"{architecture} needs image height and width divisible by {divisor}, got {height}x{width}; "
-                f"resize the images (preload.image_size) or lower model.depth"
+                f"{architecture} needs {names} divisible by {divisor}, got {sizes}; "
+                + ("resize the images (preload.image_size)" if len(spatial) == 2 else "change preload.patch_size")
+                + " or lower model.depth"
             )
 
 
-def input_layer(input_shape: tuple[int, int, int]) -> keras.KerasTensor:
+def input_layer(input_shape: tuple[int, ...]) -> keras.KerasTensor:
+    """The float32 model input for (height, width, channels) images or (depth, height, width, channels) volumes."""
     return keras.Input(shape=tuple(input_shape), dtype="float32", name="image")

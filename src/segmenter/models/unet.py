@@ -3,6 +3,10 @@
 All three share one encoder-decoder: ``depth`` down-sampling levels, filters doubling per level from
 ``base_filters``, skip connections at each level, and a bottleneck in between. They differ only in the
 block each level is made of and in whether an attention gate filters the skip connections.
+
+Each builds a 2D model for an ``input_shape`` of (height, width, channels) and a 3D model (3D
+convolutions, pooling and up-sampling, as in Çiçek et al. 2016's 3D U-Net) for (depth, height, width,
+channels); the blocks pick their layers from the rank of the tensors, so layer names are the same in both.
 """
 from __future__ import annotations
 
@@ -13,19 +17,19 @@ from segmenter.config import ModelConfig
 from segmenter.models import blocks
 
 
-def unet(input_shape: tuple[int, int, int], num_classes: int, settings: ModelConfig) -> keras.Model:
+def unet(input_shape: tuple[int, ...], num_classes: int, settings: ModelConfig) -> keras.Model:
     """The plain U-Net: two 3x3 convolution + normalisation + ReLU per level."""
     return encoder_decoder(input_shape, num_classes, settings, block=blocks.conv_block, attention=False, name="unet")
 
 
-def attention_unet(input_shape: tuple[int, int, int], num_classes: int, settings: ModelConfig) -> keras.Model:
+def attention_unet(input_shape: tuple[int, ...], num_classes: int, settings: ModelConfig) -> keras.Model:
     """U-Net whose skip connections pass through attention gates."""
     return encoder_decoder(
         input_shape, num_classes, settings, block=blocks.conv_block, attention=True, name="attention_unet"
     )
 
 
-def residual_unet(input_shape: tuple[int, int, int], num_classes: int, settings: ModelConfig) -> keras.Model:
+def residual_unet(input_shape: tuple[int, ...], num_classes: int, settings: ModelConfig) -> keras.Model:
     """U-Net made of residual blocks."""
     return encoder_decoder(
         input_shape, num_classes, settings, block=blocks.residual_block, attention=False, name="residual_unet"
@@ -48,7 +52,7 @@ def encoder_decoder(input_shape, num_classes: int, settings: ModelConfig, *, blo
         if level == depth - 1:
             x = blocks.maybe_dropout(x, settings.dropout, name=f"encoder_{level}_dropout")
         skips.append(x)
-        x = layers.MaxPooling2D(2, name=f"encoder_{level}_pool")(x)
+        x = blocks.max_pool(x, name=f"encoder_{level}_pool")
 
     x = block(x, base_filters * 2**depth, normalization, name="bottleneck")
     x = blocks.maybe_dropout(x, settings.dropout, name="bottleneck_dropout")

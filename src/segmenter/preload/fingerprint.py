@@ -39,11 +39,23 @@ def digest_job(path: str):
         return None, str(error)
 
 
+#: Preload settings that only 3D datasets (spatial_dims 3) use.
+THREE_D_SETTINGS = ("spatial_dims", "target_spacing", "patch_size", "crop_to_nonzero", "plan_memory_mb")
+
+
 def fingerprint(config: Config, source_hashes: dict) -> str:
     """A digest of everything preload's output depends on: its settings, classes, seed, sources, version."""
     settings = config.preload.model_dump(mode="json", exclude={"workers", "skip_invalid"})
+    if config.preload.spatial_dims == 2:
+        # Settings of 3D datasets only: a 2D dataset preloaded before they existed stays up to date.
+        for name in THREE_D_SETTINGS:
+            settings.pop(name)
     payload = {"version": MANIFEST_VERSION, "preload": settings, "classes": config.classes, "seed": config.seed,
                "sources": sorted(source_hashes.items())}
+    if config.preload.spatial_dims == 3:
+        # The plan (batch size, depth) depends on the model's size too.
+        model = config.train.model
+        payload["plan_model"] = {"base_filters": model.base_filters, "depth": model.depth}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

@@ -8,6 +8,7 @@ written whole, at its original geometry, for predict and evaluate (see :mod:`seg
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -182,3 +183,54 @@ def training_samples(loaded: LoadedCase, config: Config, skip: Optional[tuple[in
             "mask": resized_mask,
         })
     return samples
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3D (preload.spatial_dims 3): what the plan needs of each training case, and its prepared volume
+# ----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class CaseSurvey:
+    """What planning a 3D dataset needs of one training case."""
+
+    case_id: str
+    spacing: tuple[float, ...]
+    shape: tuple[int, ...]  # after the crop to the non-zero box, when that is on
+    #: Per channel: up to 10,000 foreground intensities (for nnunet_ct normalisation), else None.
+    foreground_samples: list[Optional[np.ndarray]]
+
+
+def check_volume(loaded: LoadedCase) -> None:
+    if loaded.mask.ndim != 3:
+        raise InputError(None, f"case {loaded.case_id} is a 2D image of shape {loaded.mask.shape}; "
+                               "preload.spatial_dims 3 needs volumes")
+
+
+def survey_case(loaded: LoadedCase, config: Config) -> CaseSurvey:
+    """Spacing, (cropped) shape and foreground intensity samples of a 3D training case."""
+    from segmenter.preprocessing import normalization, resample
+    from segmenter.volumes import spacing_or_unit
+
+    check_volume(loaded)
+    shape = loaded.mask.shape
+    if config.preload.crop_to_nonzero:
+        shape = tuple(s.stop - s.start for s in resample.nonzero_box(loaded.image))
+    samples = []
+    for channel, settings in enumerate(config.preload.channel_normalizations()):
+        if settings.method != "nnunet_ct":
+            samples.append(None)
+            continue
+        # Seeded per case and channel, so the statistics do not depend on which worker ran the case.
+        key = f"{config.seed}/{loaded.case_id}/{channel}".encode()
+        seed = int.from_bytes(hashlib.sha256(key).digest()[:8], "little")
+        samples.append(normalization.foreground_intensity_sample(loaded.image[..., channel], loaded.mask, seed))
+    return CaseSurvey(loaded.case_id, spacing_or_unit(loaded.spacing), tuple(int(v) for v in shape), samples)
+
+
+def training_volume(loaded: LoadedCase, config: Config, plan) -> tuple[np.ndarray, np.ndarray]:
+    """A 3D training case prepared as predict prepares a volume: (image (*resampled, C), label map)."""
+    from segmenter.volumes import prepare_volume
+
+    check_volume(loaded)
+    image, labels, _ = prepare_volume(loaded.image, loaded.spacing, plan, config.preload.channel_normalizations(),
+                                      labels=loaded.mask, num_classes=config.num_classes)
+    return image, labels

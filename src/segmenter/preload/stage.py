@@ -13,17 +13,20 @@ import dataclasses
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from segmenter import layout, locks
 from segmenter.artifacts import atomic_directory
-from segmenter.config import Config
+from segmenter.config import Config, ConfigError
 from segmenter.errors import InputError
-from segmenter.manifest import (MANIFEST_VERSION, Manifest, ManifestError, TestSplit, TrainSplit, read_manifest,
-                                read_manifest_version, write_manifest)
+from segmenter.manifest import (MANIFEST_VERSION, Manifest, ManifestError, TestSplit, TrainSplit, VolumePlan,
+                                read_manifest, read_manifest_version, write_manifest)
 from segmenter.preload.discovery import find_cases
 from segmenter.preload.fingerprint import fingerprint, hash_sources
 from segmenter.preload.split import split_cases
 from segmenter.preload.store import ScratchSamples, write_shards
-from segmenter.preload.workers import SLAB, TEST, TRAIN, CaseJob, Workers
+from segmenter.preload.workers import SLAB, SURVEY, TEST, TRAIN, CaseJob, Workers
+from segmenter.preprocessing import normalization, planner, resample
 
 
 @dataclasses.dataclass
@@ -83,9 +86,15 @@ def preload(config: Config, overwrite: bool = False, skip_invalid: Optional[bool
         with atomic_directory(output_dir) as tmp_dir, _stopped_on_error(workers):
             layout.test_images_dir(tmp_dir).mkdir(parents=True)
             layout.test_labels_dir(tmp_dir).mkdir(parents=True)
+            plan = None
+            if config.preload.spatial_dims == 3:
+                if split.method == "slab":
+                    raise InputError(config.preload.input_dir, "preload.spatial_dims 3 needs at least two volumes "
+                                                               "(one to train on, one to test)")
+                plan = plan_volumes(config, split.train, workers, tmp_dir, log)
             roles = [(case, SLAB if split.method == "slab" else TRAIN) for case in split.train]
             roles += [(case, TEST) for case in split.test if split.method != "slab"]
-            jobs = [CaseJob(case, role, tmp_dir) for case, role in roles]
+            jobs = [CaseJob(case, role, tmp_dir, plan if role == TRAIN else None) for case, role in roles]
             scratch = ScratchSamples(tmp_dir / "scratch", config.preload.image_size, len(config.preload.channels))
             train_records, test_records, samples, skipped, digests = [], [], [], [], {}
             for outcome in workers.run_cases(jobs, with_digests=not hash_first):
@@ -102,7 +111,8 @@ def preload(config: Config, overwrite: bool = False, skip_invalid: Optional[bool
                 train_records += outcome.records
                 test_records += outcome.test_records
                 for sample in outcome.samples:
-                    sample["row"] = scratch.append(sample)  # keeps only the small record in memory
+                    if plan is None:
+                        sample["row"] = scratch.append(sample)  # keeps only the small record in memory
                     samples.append(sample)
             workers.close()  # their memory is not needed while the shards are written
             scratch.finish_writing()
@@ -112,12 +122,16 @@ def preload(config: Config, overwrite: bool = False, skip_invalid: Optional[bool
             _report_skipped(skipped, log)
             _check_split(config, train_records, test_records, samples)
             samples.sort(key=lambda sample: sample["id"])
-            shards = write_shards(tmp_dir, "train", samples, scratch, config.preload.shard_size)
+            if plan is None:
+                shards = write_shards(tmp_dir, "train", samples, scratch, config.preload.shard_size)
+            else:  # 3D: the workers wrote one file per training volume
+                shards = [layout.train_volume_name(sample["id"]) for sample in samples]
             scratch.remove()
             manifest = Manifest(
                 version=MANIFEST_VERSION, fingerprint=fingerprint(config, source_hashes),
                 experiment=config.experiment, classes=config.classes, channels=config.preload.channels,
-                sample_size=list(config.preload.image_size), slice_axis=config.preload.slice_axis,
+                sample_size=list(config.preload.image_size if plan is None else plan.patch_size),
+                slice_axis=config.preload.slice_axis, spatial_dims=config.preload.spatial_dims, plan=plan,
                 preprocessing=config.preload.model_dump(mode="json"), sources=source_hashes, skipped=skipped,
                 split=split.method,
                 train=TrainSplit(cases=sorted(train_records, key=lambda r: r.id),
@@ -129,6 +143,54 @@ def preload(config: Config, overwrite: bool = False, skip_invalid: Optional[bool
             write_manifest(manifest, tmp_dir)
     return PreloadResult(output_dir, len(manifest.train.cases), manifest.train.num_samples, len(manifest.test.cases),
                          skipped)
+
+
+def plan_volumes(config: Config, train_cases: list, workers: Workers, tmp_dir: Path, log) -> VolumePlan:
+    """Plan a 3D dataset from its training cases, as nnU-Net plans: the target spacing (the median unless
+    ``preload.target_spacing`` is set), the nnunet_ct statistics of each channel that uses it, and the patch
+    size, batch size and depth for ``preload.plan_memory_mb`` (those the config leaves open)."""
+    surveys, errors = [], []
+    for outcome in workers.run_cases([CaseJob(case, SURVEY, tmp_dir) for case in train_cases], with_digests=False):
+        if outcome.error:  # reported (or skipped, with --skip-invalid) by the preparation that follows
+            errors.append(outcome.error)
+            continue
+        surveys.append(outcome.survey)
+    if not surveys:
+        raise InputError(config.preload.input_dir, f"no training volume could be read ({sorted(errors)[0]})")
+    surveys.sort(key=lambda survey: survey.case_id)
+    spacings = np.array([survey.spacing for survey in surveys])
+    target = (tuple(config.preload.target_spacing) if config.preload.target_spacing is not None
+              else tuple(float(v) for v in np.median(spacings, axis=0)))
+    shapes = np.array([resample.resampled_shape(survey.shape, survey.spacing, target) for survey in surveys])
+    median_shape = tuple(int(v) for v in np.median(shapes, axis=0))
+    statistics = []
+    for channel in range(len(config.preload.channels)):
+        parts = [survey.foreground_samples[channel] for survey in surveys]
+        if any(part is None for part in parts):
+            statistics.append(None)
+            continue
+        if not any(len(part) for part in parts):
+            raise InputError(config.preload.input_dir, "normalization nnunet_ct needs foreground intensities, and "
+                                                       "no training volume has any foreground")
+        statistics.append(normalization.foreground_intensity_statistics(parts))
+    model, settings = config.train.model, config.preload
+    sizes = dict(num_channels=len(settings.channels), num_classes=config.num_classes,
+                 memory_mb=settings.plan_memory_mb, base_filters=model.base_filters)
+    try:
+        if settings.patch_size is None:
+            plan = planner.plan_3d(median_shape, target, **sizes)
+            if model.depth is not None:
+                plan = planner.plan_for_patch(plan.patch_size, **sizes, depth=model.depth)
+        else:
+            plan = planner.plan_for_patch(settings.patch_size, **sizes, depth=model.depth)
+    except ValueError as error:
+        raise ConfigError(f"preload.patch_size / plan_memory_mb / train.model.depth: {error}") from None
+    log(f"3D plan: spacing {' x '.join(f'{v:g}' for v in target)} mm, median shape {list(median_shape)}, "
+        f"{planner.describe(plan)}")
+    return VolumePlan(target_spacing=list(target), median_shape=list(median_shape),
+                      patch_size=list(plan.patch_size), batch_size=plan.batch_size, depth=plan.depth,
+                      estimated_mb=round(float(plan.estimated_mb), 1), crop_to_nonzero=settings.crop_to_nonzero,
+                      intensity_statistics=statistics)
 
 
 @contextlib.contextmanager

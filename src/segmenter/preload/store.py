@@ -21,7 +21,7 @@ import numpy as np
 
 from segmenter import layout
 from segmenter.io.nifti import write_nifti, write_nifti_image
-from segmenter.preload.prepare import LoadedCase
+from segmenter.preload.prepare import LoadedCase, labels_present, training_volume
 
 #: The scratch arrays of one training sample, with their data types.
 SCRATCH_FIELDS = {"image": np.float32, "hu_image": np.float32, "mask": np.uint8}
@@ -140,3 +140,16 @@ def write_test_case(loaded: LoadedCase, preloaded_dir: Path) -> None:
             np.save(handle, loaded.mask, allow_pickle=False)
     else:
         write_nifti(loaded.mask, labels_dir / f"{loaded.case_id}.nii.gz", affine)
+
+
+def write_training_volume(loaded: LoadedCase, config, plan, preloaded_dir: Path) -> dict:
+    """Prepare a 3D training case and write it as ``train/<case>.npz`` (image float32 (*spatial, C), labels
+    uint8); returns its sample record."""
+    image, labels = training_volume(loaded, config, plan)
+    path = Path(preloaded_dir) / layout.train_volume_name(loaded.case_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:  # the stage's temporary folder: it becomes the dataset only when complete
+        np.savez(handle, image=image.astype(np.float32, copy=False), labels=labels.astype(np.uint8, copy=False))
+    return {"id": loaded.case_id, "case": loaded.case_id, "slice_index": -1,
+            "labels": sorted(labels_present(labels)), "original_shape": list(labels.shape),
+            "spacing": [float(v) for v in plan.target_spacing]}

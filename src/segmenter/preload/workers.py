@@ -17,20 +17,21 @@ from tqdm import tqdm
 
 from segmenter.config import Config
 from segmenter.errors import InputError, resource_problem
-from segmenter.manifest import CaseRecord
+from segmenter.manifest import CaseRecord, VolumePlan
 from segmenter.preload import prepare, store
 from segmenter.preload.discovery import CaseFiles
 from segmenter.preload.fingerprint import source_digest
 from segmenter.preload.split import test_slab
 
-TRAIN, TEST, SLAB = "train", "test", "slab"
+TRAIN, TEST, SLAB, SURVEY = "train", "test", "slab", "survey"
 
 
 @dataclasses.dataclass(frozen=True)
 class CaseJob:
     case: CaseFiles
-    role: str  # TRAIN, TEST or SLAB
-    preloaded_dir: Path  # where test cases are written (the stage's temporary folder)
+    role: str  # TRAIN, TEST, SLAB or SURVEY (what a 3D plan needs to know of a training case)
+    preloaded_dir: Path  # where test cases (and 3D training volumes) are written (the stage's temporary folder)
+    plan: Optional[VolumePlan] = None  # 3D training cases are prepared by it
 
 
 @dataclasses.dataclass
@@ -44,16 +45,24 @@ class CaseOutcome:
     error: Optional[str] = None  # the case is invalid (skipped with --skip-invalid)
     digests: Optional[dict] = None  # path -> sha256 of the case's sources, when asked for
     digest_error: Optional[str] = None  # a source could not be hashed: always fatal
+    survey: Optional[prepare.CaseSurvey] = None  # role SURVEY
 
 
 def run_case(job: CaseJob, config: Config) -> CaseOutcome:
     """Read one case and do its role's work; see the module docstring."""
     loaded = prepare.read_case(job.case, config)
     outcome = CaseOutcome(job)
-    if job.role == TRAIN:
+    if job.role == SURVEY:
+        outcome.survey = prepare.survey_case(loaded, config)
+    elif job.role == TRAIN and job.plan is not None:
+        outcome.records.append(prepare.case_record(job.case, loaded))
+        outcome.samples = [store.write_training_volume(loaded, config, job.plan, job.preloaded_dir)]
+    elif job.role == TRAIN:
         outcome.records.append(prepare.case_record(job.case, loaded))
         outcome.samples = prepare.training_samples(loaded, config)
     elif job.role == TEST:
+        if config.preload.spatial_dims == 3:
+            prepare.check_volume(loaded)
         store.write_test_case(loaded, job.preloaded_dir)
         outcome.test_records.append(prepare.case_record(job.case, loaded))
     else:

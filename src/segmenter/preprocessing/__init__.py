@@ -1,5 +1,10 @@
-"""Preprocessing shared by preload and predict: intensity normalisation, resizing, the data split."""
-from segmenter.preprocessing.normalization import NORMALIZATIONS, normalize
+"""Preprocessing shared by preload and predict: intensity normalisation, resizing, 3D resampling and planning,
+the data split."""
+from segmenter.preprocessing.normalization import (NORMALIZATIONS, foreground_intensity_sample,
+                                                   foreground_intensity_statistics, normalize, normalize_channels)
+from segmenter.preprocessing.planner import Plan3D, plan_3d
+from segmenter.preprocessing.resample import (crop, cropped_affine, nonzero_box, resample_image, resample_labels,
+                                              resample_probabilities, resampled_affine, resampled_shape, uncrop)
 from segmenter.preprocessing.resize import resize_image, resize_mask, resized_spacing
 from segmenter.preprocessing.split import split_train_test
 
@@ -15,10 +20,10 @@ def prepare_image(image2d, normalizations, shape):
     import numpy as np
 
     raw = np.stack([resize_image(image2d[..., channel], shape) for channel in range(image2d.shape[-1])], axis=-1)
-    normalised = np.stack([normalize(raw[..., channel], settings) for channel, settings in enumerate(normalizations)],
-                          axis=-1)
-    return raw, normalised
+    return raw, normalize_channels(raw, normalizations)
 
 
-__all__ = ["NORMALIZATIONS", "normalize", "prepare_image", "resize_image", "resize_mask", "resized_spacing",
-           "split_train_test"]
+__all__ = ["NORMALIZATIONS", "Plan3D", "crop", "cropped_affine", "foreground_intensity_sample",
+           "foreground_intensity_statistics", "nonzero_box", "normalize", "normalize_channels", "plan_3d", "prepare_image",
+           "resample_image", "resample_labels", "resample_probabilities", "resampled_affine", "resampled_shape",
+           "resize_image", "resize_mask", "resized_spacing", "split_train_test", "uncrop"]
