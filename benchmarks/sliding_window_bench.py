@@ -6,10 +6,10 @@
 Defaults: one 128^3 single-channel volume, 64^3 patches, 50 % overlap (27 patches), batch 2, Gaussian
 weighting (sigma = patch / 8), float16 accumulator, no mirroring.
 
-The network is built here with plain Keras layers (segmenter.models has no 3D U-Net yet): a 3-level 3D
-U-Net with 16, 32 and 64 filters - two 3x3x3 convolutions + ReLU per level, 2x2x2 max pooling down,
-2x2x2 stride-2 transposed convolutions up, skip concatenation, a 1x1x1 softmax head; random weights, no
-normalisation layers. It runs through ``model.predict_on_batch`` with ``jit_compile=False`` (XLA off).
+The network is segmenter's own 3D U-Net (``segmenter.models``, architecture "unet", depth 2, 16 base
+filters, normalisation "none"): 3 levels with 16, 32 and 64 filters - two 3x3x3 convolutions + ReLU per
+level, 2x2x2 max pooling down, 2x2x2 stride-2 transposed convolutions up, skip concatenation, a 1x1x1
+softmax head; random weights. It runs through ``model.predict_on_batch`` with ``jit_compile=False`` (XLA off).
 After one warm-up volume (which traces the batch-2 and the final batch-1 shapes) the script times
 ``--repeats`` volumes and reports the median, and separately the time spent inside the model, so that
 the NumPy tiling / blending overhead is visible.
@@ -35,31 +35,18 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from segmenter import models  # noqa: E402
+from segmenter.config import ModelConfig  # noqa: E402
 from segmenter.sliding_window import compute_steps, memory_bytes, sliding_window_predict  # noqa: E402
 
 FILTERS = (16, 32, 64)
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "sliding_window_bench.json"
 
 
-def keras_unet3d(channels: int, num_classes: int, filters=FILTERS) -> keras.Model:
-    inputs = keras.Input((None, None, None, channels))
-    x = inputs
-    skips = []
-    for level, f in enumerate(filters):
-        x = keras.layers.Conv3D(f, 3, padding="same", activation="relu")(x)
-        x = keras.layers.Conv3D(f, 3, padding="same", activation="relu")(x)
-        if level < len(filters) - 1:
-            skips.append(x)
-            x = keras.layers.MaxPooling3D(2)(x)
-    for f, skip in zip(reversed(filters[:-1]), reversed(skips)):
-        x = keras.layers.Conv3DTranspose(f, 2, strides=2)(x)
-        x = keras.layers.Concatenate()([x, skip])
-        x = keras.layers.Conv3D(f, 3, padding="same", activation="relu")(x)
-        x = keras.layers.Conv3D(f, 3, padding="same", activation="relu")(x)
-    outputs = keras.layers.Conv3D(num_classes, 1, activation="softmax")(x)
-    model = keras.Model(inputs, outputs, name="unet3d_16")
-    model.compile(jit_compile=False)
-    return model
+def keras_unet3d(channels: int, num_classes: int, patch: int) -> keras.Model:
+    """segmenter's 3D U-Net with 3 levels of FILTERS, no normalisation layers (as the PyTorch twin below)."""
+    settings = ModelConfig(architecture="unet", depth=len(FILTERS) - 1, base_filters=FILTERS[0], normalization="none")
+    return models.build_model(settings, (patch, patch, patch, channels), num_classes)
 
 
 def conv_forward_gflops(patch: int, channels: int, num_classes: int, filters=FILTERS) -> float:
@@ -118,8 +105,7 @@ def time_monai(volume, args) -> dict:
         from monai.inferers import sliding_window_inference
     except Exception as error:  # noqa: BLE001 - any import failure means "not installed here"
         return {"skipped": f"torch/monai not importable ({type(error).__name__}: {error}); "
-                           "pip install -e '.[bench]' "
-                           "(CPU-only torch: from PyTorch's CPU wheel index)"}
+                           "pip install -e '.[bench]' (see pyproject.toml)"}
 
     class Block(torch.nn.Sequential):
         def __init__(self, cin, cout):
@@ -194,7 +180,7 @@ def main() -> None:
     patches = int(np.prod([len(s) for s in compute_steps(volume.shape[:3], (args.patch,) * 3, args.overlap)]))
     load_before = os.getloadavg()
 
-    model = keras_unet3d(1, args.classes)
+    model = keras_unet3d(1, args.classes, args.patch)
     seg = time_segmenter(model, volume, args)
     seg_labels = seg.pop("labels")
     gflop = conv_forward_gflops(args.patch, 1, args.classes) * patches
@@ -228,8 +214,8 @@ def main() -> None:
         "setup": {"volume": [args.size] * 3 + [1], "patch": [args.patch] * 3, "overlap": args.overlap,
                   "patches": patches, "batch": args.batch, "classes": args.classes, "sigma_scale": 0.125,
                   "accumulate": "float16", "mirroring": False, "xla_jit_compile": False,
-                  "model": "3D U-Net, filters 16/32/64 (3 levels), 2 conv3x3x3+ReLU per level, maxpool, "
-                           "transposed-conv upsampling, softmax head, random weights",
+                  "model": "segmenter unet (3D), filters 16/32/64 (3 levels), 2 conv3x3x3+ReLU per level, "
+                           "maxpool, transposed-conv upsampling, softmax head, random weights",
                   "repeats": args.repeats, "statistic": "median"},
         "segmenter": seg,
         "monai": mon,

@@ -74,6 +74,58 @@ def test_accepts_a_pydantic_config_and_applies_defaults():
     assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
 
 
+@pytest.mark.parametrize("shape, groups", [((2, 6, 7, 5, 16), 8), ((3, 9, 11, 32), 8), ((2, 5, 6, 4, 12), -1),
+                                            ((2, 8, 8, 3), 1)])
+def test_group_normalization_matches_keras_in_values_and_gradients(shape, groups):
+    import tensorflow as tf
+
+    from segmenter.models.blocks import ChannelsLastGroupNormalization
+
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(3.0, 2.0, shape).astype(np.float32))  # a mean far from 0, as after a convolution
+    reference, ours = keras.layers.GroupNormalization(groups=groups), ChannelsLastGroupNormalization(groups=groups)
+    reference.build(shape)
+    ours.build(shape)
+    weights = [rng.normal(1.0, 0.3, w.shape).astype(np.float32) for w in reference.weights]
+    reference.set_weights(weights)
+    ours.set_weights(weights)
+    results = []
+    for layer in (reference, ours):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+            loss = tf.reduce_sum(y * tf.sin(x))
+        results.append([y, *tape.gradient(loss, [x, *layer.trainable_weights])])
+    for expected, actual in zip(*results):
+        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("settings, shape", [
+    ({"architecture": "unet", "depth": 2, "base_filters": 4, "normalization": "batch"}, (32, 32, 1)),
+    ({"architecture": "residual_unet", "depth": 1, "base_filters": 4, "normalization": "batch"}, (8, 16, 16, 2)),
+    ({"architecture": "mobilenetv2_unet", "depth": 4, "base_filters": 4}, (64, 64, 1)),
+])
+def test_folding_batch_normalization_keeps_the_predictions(settings, shape):
+    from segmenter.models import fold_batch_normalization
+
+    model = build_model(settings, shape, NUM_CLASSES)
+    rng = np.random.default_rng(0)
+    for layer in model._flatten_layers():  # trained-looking statistics, not the initial 0 and 1
+        if isinstance(layer, keras.layers.BatchNormalization):
+            size = layer.moving_mean.shape
+            layer.moving_mean.assign(rng.normal(0, 0.5, size))
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, size))
+            layer.gamma.assign(rng.uniform(0.5, 1.5, size))
+            layer.beta.assign(rng.normal(0, 0.2, size))
+    folded = fold_batch_normalization(model)
+    images = rng.normal(size=(2, *shape)).astype(np.float32)
+    np.testing.assert_allclose(folded.predict_on_batch(images), model.predict_on_batch(images), atol=2e-5)
+    top_level_norms = [layer for layer in folded.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    if settings["architecture"] != "mobilenetv2_unet":
+        assert not top_level_norms  # every conv + batch norm pair was folded
+    assert fold_batch_normalization(build_model({"depth": 1, "base_filters": 4}, (16, 16, 1), 2)).name == "unet"
+
+
 def test_default_unet_is_four_levels_of_doubling_filters():
     model = build_model({}, (256, 256, 1), 2)
     widths = [model.get_layer(f"encoder_{level}_1_conv").filters for level in range(4)]

@@ -13,7 +13,7 @@ import json
 import numpy as np
 
 from segmenter import layout
-from segmenter.inference import ModelEnsemble
+from segmenter.inference import ModelEnsemble, predict_probabilities
 from segmenter.manifest import read_manifest
 from tests.conftest import run_cli, tiny_ct_config, write_config
 
@@ -56,11 +56,8 @@ def test_an_ensemble_averages_the_probabilities_of_its_models():
         def predict_on_batch(self, batch):
             return np.broadcast_to(np.array([1 - self.p, self.p], np.float32), (*batch.shape[:-1], 2))
 
-        def predict(self, images, batch_size, verbose=0):
-            return self.predict_on_batch(images)
-
     ensemble = ModelEnsemble([Constant(0.2), Constant(0.6), Constant(1.0)])
     batch = np.zeros((2, 4, 4, 1), np.float32)
     np.testing.assert_allclose(ensemble.predict_on_batch(batch)[..., 1], 0.6, rtol=1e-6)
-    np.testing.assert_allclose(ensemble.predict(batch, batch_size=1)[..., 0], 0.4, rtol=1e-6)
+    np.testing.assert_allclose(predict_probabilities(ensemble, batch, batch_size=1)[..., 0], 0.4, rtol=1e-6)
     assert ensemble.output_shape == (None, 4, 4, 2)

@@ -97,6 +97,23 @@ def test_augmentation_streams_are_stateless_and_resume_exactly(preloaded_config)
     assert set(np.unique(masks)) <= {0.0, 1.0} and np.allclose(masks.sum(-1), 1.0)  # still one-hot labels
 
 
+@pytest.mark.parametrize("seed", [0, 42])
+def test_epoch_order_depends_on_the_seed_alone_even_seed_zero(seed):
+    # With tf.random.set_seed(0) TensorFlow's seed handling once failed to trace a shuffle seeded by a tensor.
+    images = np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1) * np.ones((10, 4, 4, 1), np.float32)
+    samples = tf.data.Dataset.from_tensor_slices((images, np.zeros((10, 4, 4), np.int32)))
+
+    def order(global_seed):
+        keras.utils.set_random_seed(global_seed)
+        dataset = epochs_dataset(samples, 10, 2, 5, first_epoch=0, epochs=2, shuffle=True, seed=seed)
+        return np.concatenate([image[:, 0, 0, 0].numpy() for image, _ in dataset])
+
+    first = order(seed)
+    assert sorted(first[:10]) == sorted(first[10:]) == list(range(10))  # each epoch is a permutation
+    assert not np.array_equal(first[:10], first[10:])
+    assert np.array_equal(first, order(seed + 1))  # the global seed does not change it
+
+
 def test_fixed_seed_gives_identical_weights_and_resume_checks_settings(preloaded_config):
     config = _config(preloaded_config, epochs=2, augmentation=AugmentationConfig(**AUGMENT))
     first = _weights(train_final_model(config).model_path)

@@ -81,6 +81,25 @@ def _epoch_seed(seed: int, epoch) -> tf.Tensor:
     return tf.cast(seed, tf.int64) * 1_000_003 + tf.cast(epoch, tf.int64)
 
 
+def _shuffled(dataset: tf.data.Dataset, buffer_size: int, seed) -> tf.data.Dataset:
+    """``dataset`` shuffled once, in an order set by the int64 tensor ``seed`` alone, whatever the global seed.
+
+    TensorFlow pairs an op's seed with the global one and compares the pair to (0, 0) in Python: with a
+    tensor seed and ``tf.random.set_seed(0)`` (``seed: 0`` in a config) that comparison fails while tracing.
+    So the shuffle is always traced (inside ``flat_map``) in a graph whose global seed is cleared: the same
+    order in eager and graph code, for every config seed.
+    """
+    def shuffle(op_seed):
+        graph = tf.compat.v1.get_default_graph()
+        global_seed, graph.seed = graph.seed, None
+        try:
+            return dataset.shuffle(buffer_size, seed=op_seed, reshuffle_each_iteration=False)
+        finally:
+            graph.seed = global_seed
+
+    return tf.data.Dataset.from_tensors(tf.cast(seed, tf.int64)).flat_map(shuffle)
+
+
 def _samples_dataset(preloaded_dir: Path, subset: Optional[np.ndarray]) -> tuple[tf.data.Dataset, int]:
     paths = shard_paths(preloaded_dir)
     if len(paths) == 1 or subset is not None:
@@ -143,7 +162,7 @@ def batch_for_training(dataset: tf.data.Dataset, count: int, num_classes: int, b
     else:
         epoch_seed = _epoch_seed(seed, epoch)
         if shuffle:
-            dataset = dataset.shuffle(min(count, 2048), seed=epoch_seed, reshuffle_each_iteration=False)
+            dataset = _shuffled(dataset, min(count, 2048), epoch_seed)
         if augmentation is not None:
             augment = make_augmenter(augmentation)
             dataset = dataset.enumerate().map(

@@ -127,6 +127,7 @@ def follow_training(config: Config, interval_s: float = 30.0, once: bool = False
 
     import segmenter.losses  # noqa: F401  (custom objects of the checkpoints)
     import segmenter.metrics  # noqa: F401
+    import segmenter.models  # noqa: F401
 
     manifest = read_manifest(config.preloaded_dir)
     indices = validation_cases(config, manifest)

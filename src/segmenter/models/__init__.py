@@ -6,11 +6,13 @@ from segmenter.models.factory import (
     build_model,
     set_encoder_trainable,
 )
+from segmenter.models.folding import fold_batch_normalization
 
 __all__ = [
     "ARCHITECTURES",
     "ENCODER_PREFIX",
     "PRETRAINED_ENCODER_ARCHITECTURES",
     "build_model",
+    "fold_batch_normalization",
     "set_encoder_trainable",
 ]

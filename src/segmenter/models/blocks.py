@@ -8,14 +8,15 @@ picks the matching layer class (Conv2D or Conv3D, MaxPooling2D or MaxPooling3D, 
 Each block is a short function that takes a tensor and its settings and returns a tensor, so that an
 architecture reads top to bottom as a list of blocks. Every layer gets an explicit name built from the
 block's name, which keeps saved models readable and lets ``set_encoder_trainable`` find the encoder by
-the ``encoder`` prefix. Only built-in Keras layers are used, so saved models load without custom objects.
+the ``encoder`` prefix. Besides built-in Keras layers there is one registered layer, the group normalisation
+below; saved models load wherever ``segmenter.models`` has been imported.
 """
 from __future__ import annotations
 
 import math
 
 import keras
-from keras import layers
+from keras import layers, ops
 
 # The layer class of each kind for 2 and 3 spatial dimensions. Normalisation, activation, Add,
 # Concatenate, Multiply and Dropout work on tensors of any rank and need no entry.
@@ -58,15 +59,51 @@ def max_pool(x, name: str):
 NORMALIZATION_DTYPE = "float32"
 
 
+@keras.saving.register_keras_serializable(package="segmenter")
+class ChannelsLastGroupNormalization(layers.GroupNormalization):
+    """Keras' GroupNormalization (same weights, settings and results) computed from per-channel sums.
+
+    Keras reshapes the channels into (groups, channels per group) and takes moments over the spatial axes
+    and the channels of a group at once: reductions and their gradients over non-adjacent axes, which on a
+    CPU made a 3D U-Net with group norm train at half the speed of the same net without normalisation
+    (benchmarks/train_bench.py). Here the mean and mean square of each channel come from one reduction over
+    the spatial axes, a group's statistics from those of its channels, and the output is one multiply-add
+    per element with a scale and shift per (sample, channel). Channels last (``axis`` -1) only.
+    """
+
+    def call(self, inputs):
+        x = ops.cast(inputs, "float32")
+        spatial_axes = tuple(range(1, len(x.shape) - 1))
+        channels = x.shape[-1]
+        groups = self.groups if self.groups > 0 else channels
+        per_group = channels // groups
+        channel_mean = ops.mean(x, axis=spatial_axes)  # (batch, channels)
+        channel_square = ops.mean(ops.square(x), axis=spatial_axes)
+        group_mean = ops.mean(ops.reshape(channel_mean, (-1, groups, per_group)), axis=-1, keepdims=True)
+        group_square = ops.mean(ops.reshape(channel_square, (-1, groups, per_group)), axis=-1, keepdims=True)
+        # E[x^2] - E[x]^2 may round below 0 where the variance is ~0.
+        variance = ops.maximum(group_square - ops.square(group_mean), 0.0)
+        scale = ops.rsqrt(variance + self.epsilon) * ops.ones((1, 1, per_group))  # (batch, groups, per_group)
+        scale = ops.reshape(scale, (-1, channels))
+        shift = -ops.reshape(group_mean * ops.ones((1, 1, per_group)), (-1, channels)) * scale
+        if self.scale:
+            scale, shift = scale * self.gamma, shift * self.gamma
+        if self.center:
+            shift = shift + self.beta
+        broadcast = (-1, *([1] * len(spatial_axes)), channels)
+        outputs = x * ops.reshape(scale, broadcast) + ops.reshape(shift, broadcast)
+        return ops.cast(outputs, self.compute_dtype)
+
+
 def group_normalization(channels: int, name: str) -> layers.Layer:
     # Up to 8 groups, and always a number of groups that divides the channels (GroupNormalization
     # requires it): 16 channels -> 8 groups, 12 channels -> 4 groups, 3 channels -> 1 group.
-    return layers.GroupNormalization(groups=math.gcd(8, channels), name=name, dtype=NORMALIZATION_DTYPE)
+    return ChannelsLastGroupNormalization(groups=math.gcd(8, channels), name=name, dtype=NORMALIZATION_DTYPE)
 
 
 def instance_normalization(channels: int, name: str) -> layers.Layer:
     # One group per channel is instance normalisation.
-    return layers.GroupNormalization(groups=-1, name=name, dtype=NORMALIZATION_DTYPE)
+    return ChannelsLastGroupNormalization(groups=-1, name=name, dtype=NORMALIZATION_DTYPE)
 
 
 def batch_normalization(channels: int, name: str) -> layers.Layer:

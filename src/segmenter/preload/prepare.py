@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
+from scipy import ndimage
 
 from segmenter import io
 from segmenter.config import Config
@@ -24,6 +25,8 @@ from segmenter.preprocessing import prepare_image, resize_mask, resized_spacing
 
 # Source labels up to this value are remapped through a lookup table (see remap_labels).
 _MAX_TABLE_LABEL = 65535
+# Label maps whose lowest and highest labels differ by at most this are scanned once per label, not histogrammed.
+_FEW_LABELS = 8
 
 
 @dataclasses.dataclass
@@ -41,11 +44,22 @@ class LoadedCase:
         return self.mask.shape
 
 
+def _distinct_labels(mask: np.ndarray, low: int, high: int) -> np.ndarray:
+    """The sorted distinct values of an integer ``mask`` whose minimum is ``low`` and maximum ``high``."""
+    if high - low <= _FEW_LABELS:
+        # The minimum and maximum are present; one comparison pass per value between is cheaper than a histogram.
+        return np.array([value for value in range(low, high + 1)
+                         if value in (low, high) or (mask == value).any()])
+    if 0 <= low and high <= _MAX_TABLE_LABEL:
+        return np.flatnonzero(np.bincount(mask.ravel()))  # several times faster than np.unique
+    return np.unique(mask)
+
+
 def remap_labels(mask: np.ndarray, label_map: dict, unmapped: str, num_classes: int, path: Path) -> np.ndarray:
     """Apply ``label_map`` (source label -> class index) and check every label is a configured class."""
-    small_labels = 0 <= int(mask.min()) and int(mask.max()) <= _MAX_TABLE_LABEL
-    # A histogram finds the labels several times faster than np.unique.
-    values = np.flatnonzero(np.bincount(mask.ravel())) if small_labels else np.unique(mask)
+    low, high = int(mask.min()), int(mask.max())
+    small_labels = 0 <= low and high <= _MAX_TABLE_LABEL
+    values = _distinct_labels(mask, low, high)
     lookup = {int(v): int(v) for v in values}
     lookup.update({int(k): int(v) for k, v in label_map.items() if int(k) in lookup})
     if unmapped == "background":
@@ -70,8 +84,8 @@ def remap_labels(mask: np.ndarray, label_map: dict, unmapped: str, num_classes: 
 
 
 def labels_present(mask: np.ndarray) -> set[int]:
-    """The labels of a remapped (uint8) mask; a histogram is several times faster than np.unique."""
-    return set(np.flatnonzero(np.bincount(mask.ravel(), minlength=1)).tolist())
+    """The labels of a remapped (uint8) mask."""
+    return set(_distinct_labels(mask, int(mask.min()), int(mask.max())).tolist())
 
 
 def read_case(case: CaseFiles, config: Config) -> LoadedCase:
@@ -94,26 +108,41 @@ def read_case(case: CaseFiles, config: Config) -> LoadedCase:
 
 def case_record(case: CaseFiles, loaded: LoadedCase, slab: Optional[tuple[int, int]] = None) -> CaseRecord:
     """The manifest's record of a case: provenance, geometry, the labels present and where each class lies."""
-    counts = np.bincount(loaded.mask.ravel(), minlength=1)
-    present = np.flatnonzero(counts).tolist()
-    foreground = [label for label in present if label]
-    boxes = {}
-    if foreground:
-        # One pass over the foreground's coordinates instead of one pass over the whole mask per class.
-        coordinates = np.nonzero(loaded.mask)
-        labels = loaded.mask[coordinates]
-        for label in foreground:
-            selected = labels == label
-            boxes[label] = [[int(axis[selected].min()), int(axis[selected].max())] for axis in coordinates]
+    mask = loaded.mask
+    highest = int(mask.max())
+    if highest <= _FEW_LABELS:
+        # Few classes: one comparison pass each gives a class's voxel count, and its box through the
+        # selection's projections on the axes; much cheaper than a histogram and a pass over the foreground.
+        class_voxels, boxes = {}, {}
+        other_axes = [tuple(other for other in range(mask.ndim) if other != axis) for axis in range(mask.ndim)]
+        for label in range(1, highest + 1):
+            selected = mask == label
+            count = np.count_nonzero(selected)
+            if count:
+                class_voxels[label] = count
+                boxes[label] = [_extent(selected.any(axis=axes)) for axes in other_axes]
+        present = ([0] if mask.size > sum(class_voxels.values()) else []) + list(class_voxels)
+    else:
+        counts = np.bincount(mask.ravel())
+        present = np.flatnonzero(counts).tolist()
+        class_voxels = {label: int(counts[label]) for label in present if label}
+        # One pass for the boxes of all classes.
+        objects = ndimage.find_objects(mask)
+        boxes = {label: [[box.start, box.stop - 1] for box in objects[label - 1]] for label in class_voxels}
     return CaseRecord(
         id=loaded.case_id, group=case.group_id, images=[str(path) for path in case.image_paths],
         mask=str(case.mask_path), shape=list(loaded.spatial_shape),
         spacing=None if loaded.spacing is None else [float(value) for value in loaded.spacing],
         affine=None if loaded.affine is None else np.asarray(loaded.affine, dtype=float).tolist(),
-        labels=present, class_voxels={label: int(counts[label]) for label in foreground},
-        class_boxes=boxes, slab=None if slab is None else list(slab),
+        labels=present, class_voxels=class_voxels, class_boxes=boxes, slab=None if slab is None else list(slab),
         output_suffix=output_suffix(case.image_paths[0], loaded.mask.ndim),
     )
+
+
+def _extent(projection: np.ndarray) -> list[int]:
+    """[first, last] index where a boolean projection is true (it has a true element)."""
+    indices = np.flatnonzero(projection)
+    return [int(indices[0]), int(indices[-1])]
 
 
 def cut_slab(loaded: LoadedCase, slab: tuple[int, int], axis: int) -> LoadedCase:

@@ -1,0 +1,383 @@
+"""Training and inference speed of segmenter's 2D and 3D models, beside a plain Keras model and MONAI.
+
+    python benchmarks/train_bench.py [--dims 2,3] [--rounds 2] [--steps 8] [--json FILE]
+
+One process, every contender in turn, ``--rounds`` times over (the median of the rounds is reported), so
+that a machine whose speed drifts during the run (shared hosts do) treats them alike:
+
+2D, 256 x 256, batch 8, 3 classes, a 4-level 32-filter U-Net with batch norm (24 GFLOP per image forward):
+- ``keras_reference``: a U-Net of the same layers written in plain Keras, Adam, Dice + cross-entropy written
+  in a few ops, no metrics, in-memory tensors: the fastest Keras can train this network here;
+- ``segmenter_memory``: segmenter's model, compiled by the train stage's code (AdamW, its Dice + cross-entropy,
+  its Dice metrics), fed in-memory tensors;
+- ``segmenter_pipeline``: the same, fed by the train stage's input pipeline (shuffling, stateless per-sample
+  augmentation, one-hot, batching) over the same images: the pipeline's cost is the difference;
+- ``monai``: MONAI's BasicUNet with features (32, 64, 128, 256, 512, 32) (the same depth and widths), batch
+  norm, Adam, DiceCELoss, in PyTorch on the CPU; only with the optional ``bench`` extra (torch, monai).
+Inference: ``keras_reference`` calls ``predict_on_batch``; ``segmenter`` runs the predict stage's
+``inference.predict_probabilities`` on 32 images with the model as the predict stage loads it (batch norm
+folded into the convolutions); MONAI runs the network under ``torch.inference_mode``.
+
+3D, as ``configs/hippocampus_3d.py`` trains (40 x 56 x 40 patches, batch 2, depth 3, 16 filters, group norm,
+3 classes), with ``segmenter_memory``, ``segmenter_pipeline`` (the patch sampler with nnU-Net's 3D
+augmentation over 20 generated volumes of 36 x 50 x 35 voxels) and MONAI's DynUNet of the same depth,
+widths and normalisation (BasicUNet always pools four times; this network pools three times).
+
+Training speed is timed step by step inside one ``fit`` (a Keras callback), after two warm-up steps, so a
+step that waits for its batch counts and the set-up of ``fit`` does not: measured around a whole second
+``fit`` call, the same network ran at two speeds (2.3 or 3.1 images/s, see the README). FLOPs are the
+convolutions' multiply-adds x 2 (training: 3 x forward), and the fraction of the machine's peak is against a
+2048 x 2048 float32 matmul timed in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from keras import layers, ops  # noqa: E402
+
+from segmenter import data_pipeline, inference, models, training, volume_dataset  # noqa: E402
+from segmenter.config import ModelConfig, TrainConfig  # noqa: E402
+
+DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "train_bench.json"
+NUM_CLASSES = 3
+WARMUP_STEPS = 2
+SETUPS = {
+    2: {"shape": (256, 256), "batch": 8, "depth": 4, "base_filters": 32, "normalization": "batch"},
+    3: {"shape": (40, 56, 40), "batch": 2, "depth": 3, "base_filters": 16, "normalization": "group"},
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# FLOPs and the machine's matmul rate
+# ----------------------------------------------------------------------------------------------------
+CONVOLUTIONS = (layers.Conv2D, layers.Conv3D, layers.Conv2DTranspose, layers.Conv3DTranspose)
+TRANSPOSED = (layers.Conv2DTranspose, layers.Conv3DTranspose)
+
+
+def keras_forward_flops(model: keras.Model) -> float:
+    """2 x multiply-adds of the model's convolutions for one sample (model built for a fixed input size)."""
+    total = 0.0
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, CONVOLUTIONS):
+            kernel = layer.kernel.shape  # (*k, in, out); transposed: (*k, out, in)
+            # A transposed convolution does one kernel product per input position, a convolution per output one.
+            positions = layer.input.shape[1:-1] if isinstance(layer, TRANSPOSED) else layer.output.shape[1:-1]
+            total += 2.0 * np.prod(kernel) * np.prod(positions)
+    return total
+
+
+def torch_forward_flops(net, sample) -> float:
+    """2 x multiply-adds of the network's convolutions for one sample, counted by forward hooks."""
+    import torch
+
+    total = [0.0]
+
+    def count(module, inputs, output):
+        kernel = np.prod(module.kernel_size) * module.in_channels * module.out_channels / module.groups
+        positions = inputs[0].shape[2:] if isinstance(module, torch.nn.modules.conv._ConvTransposeNd) else output.shape[2:]
+        total[0] += 2.0 * kernel * np.prod(positions)
+
+    hooks = [m.register_forward_hook(count) for m in net.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    with torch.inference_mode():
+        net(sample)
+    for hook in hooks:
+        hook.remove()
+    return total[0]  # positions exclude the batch axis: already per sample
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+    a, b = tf.random.normal((n, n)), tf.random.normal((n, n))
+    tf.linalg.matmul(a, b).numpy()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        c = tf.linalg.matmul(a, b)
+    c.numpy()
+    return 2.0 * n**3 * repeats / (time.perf_counter() - started) / 1e9
+
+
+# ----------------------------------------------------------------------------------------------------
+# Contenders
+# ----------------------------------------------------------------------------------------------------
+def plain_keras_unet(shape, channels: int, setup: dict) -> keras.Model:
+    """conv-BN-ReLU x 2 per level, max pooling, transposed convolutions, skips: the U-Net in plain Keras."""
+    def block(x, filters):
+        for _ in range(2):
+            x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+            x = layers.ReLU()(layers.BatchNormalization()(x))
+        return x
+
+    x = inputs = keras.Input((*shape, channels))
+    skips = []
+    for level in range(setup["depth"]):
+        x = block(x, setup["base_filters"] * 2**level)
+        skips.append(x)
+        x = layers.MaxPooling2D()(x)
+    x = block(x, setup["base_filters"] * 2 ** setup["depth"])
+    for level in reversed(range(setup["depth"])):
+        x = layers.Conv2DTranspose(setup["base_filters"] * 2**level, 2, strides=2)(x)
+        x = block(layers.Concatenate()([x, skips[level]]), setup["base_filters"] * 2**level)
+    return keras.Model(inputs, layers.Conv2D(NUM_CLASSES, 1, activation="softmax")(x))
+
+
+def plain_dice_ce(y_true, y_pred):
+    axes = tuple(range(len(y_pred.shape) - 1))
+    overlap = ops.sum(y_true * y_pred, axes)
+    dice = (2.0 * overlap + 1e-5) / (ops.sum(y_true, axes) + ops.sum(y_pred, axes) + 1e-5)
+    crossentropy = -ops.mean(ops.sum(y_true * ops.log(ops.clip(y_pred, 1e-7, 1.0)), axis=-1))
+    return 1.0 - ops.mean(dice) + crossentropy
+
+
+def segmenter_model(shape, setup: dict) -> keras.Model:
+    train = TrainConfig(batch_size=setup["batch"], model=ModelConfig(
+        architecture="unet", depth=setup["depth"], base_filters=setup["base_filters"],
+        normalization=setup["normalization"]))
+    return training.build_compiled_model(train, (*shape, 1), ["background", "a", "b"])
+
+
+def monai_net(dims: int, setup: dict):
+    import torch
+    from monai.networks.nets import BasicUNet, DynUNet
+
+    widths = [setup["base_filters"] * 2**level for level in range(setup["depth"] + 1)]
+    if dims == 2:
+        net = BasicUNet(spatial_dims=2, in_channels=1, out_channels=NUM_CLASSES, features=(*widths, widths[0]),
+                        norm=("batch", {}), act=("relu", {"inplace": True}))
+    else:
+        net = DynUNet(spatial_dims=3, in_channels=1, out_channels=NUM_CLASSES, kernel_size=[3] * len(widths),
+                      strides=[1] + [2] * setup["depth"], upsample_kernel_size=[2] * setup["depth"],
+                      filters=widths, norm_name=("group", {"num_groups": 8}), act_name=("relu", {"inplace": True}))
+    return net, torch
+
+
+class StepTimes(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.started = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seconds.append(time.perf_counter() - self.started)
+
+
+def keras_training_rate(model, dataset, batch: int, steps: int) -> float:
+    """Samples per second over ``steps`` training steps of one ``fit``, after the warm-up steps."""
+    times = StepTimes()
+    model.fit(dataset, steps_per_epoch=WARMUP_STEPS + steps, epochs=1, verbose=0, callbacks=[times])
+    return batch * steps / sum(times.seconds[WARMUP_STEPS:])
+
+
+def timed_rate(function, samples: int, repeats: int) -> float:
+    function()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        function()
+    return samples * repeats / (time.perf_counter() - started)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------
+def blob_labels(rng, shape) -> np.ndarray:
+    """Two nested ellipsoids (classes 1 and 2) at a random place: labels with structure, as patches need."""
+    grid = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    centre = [rng.uniform(0.35, 0.65) * n for n in shape]
+    radius = [rng.uniform(0.15, 0.25) * n for n in shape]
+    distance = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radius))
+    return (distance < 1).astype(np.int32) + (distance < 0.4).astype(np.int32)
+
+
+def images_of(labels: np.ndarray, rng) -> np.ndarray:
+    return (labels + rng.normal(0.0, 0.5, labels.shape)).astype(np.float32)[..., None]
+
+
+class InMemoryVolumes(volume_dataset.VolumeSource):
+    """The train stage's volume source over generated volumes instead of a preloaded folder."""
+
+    def __init__(self, images, labels):
+        self.files, self.shapes = [None] * len(images), [image.shape[:3] for image in images]
+        self.num_channels, self.in_memory = 1, True
+        self._images = tf.constant(np.concatenate([image.reshape(-1, 1) for image in images]))
+        self._labels = tf.constant(np.concatenate([label.reshape(-1) for label in labels]))
+        self._offsets = tf.constant(np.cumsum([0] + [label.size for label in labels]), tf.int64)
+        self._shapes = tf.constant(np.array(self.shapes, dtype=np.int64))
+
+
+def datasets(dims: int, setup: dict, rng):
+    """(in-memory batches, train-stage pipeline batches, a batch of inputs for inference), all endless."""
+    shape, batch = setup["shape"], setup["batch"]
+    train = TrainConfig(batch_size=batch)
+    if dims == 2:
+        labels = np.stack([blob_labels(rng, shape) for _ in range(4 * batch)])
+        images = images_of(labels, rng)
+        memory = tf.data.Dataset.from_tensor_slices((images, tf.one_hot(labels, NUM_CLASSES))).repeat()
+        samples = tf.data.Dataset.from_tensor_slices((images, labels))
+        pipeline = data_pipeline.epochs_dataset(samples, len(images), NUM_CLASSES, batch, first_epoch=0,
+                                                epochs=10_000, augmentation=train.augmentation, shuffle=True)
+        return memory.batch(batch).prefetch(tf.data.AUTOTUNE), pipeline, images
+    volumes = [blob_labels(rng, (36, 50, 35)) for _ in range(20)]
+    source = InMemoryVolumes([images_of(v, rng) for v in volumes], volumes)
+    pipeline = volume_dataset.training_patches(source, 10_000, shape, NUM_CLASSES, batch, first_epoch=0,
+                                               epochs=1, augmentation=train.augmentation.volume, seed=0)
+    patches = list(volume_dataset.patches_of_epoch(source, 4 * batch, shape, NUM_CLASSES, batch).unbatch())
+    images = np.stack([p[0].numpy() for p in patches])
+    targets = np.stack([p[1].numpy() for p in patches])
+    memory = tf.data.Dataset.from_tensor_slices((images, targets)).repeat().batch(batch).prefetch(tf.data.AUTOTUNE)
+    return memory, pipeline, images
+
+
+# ----------------------------------------------------------------------------------------------------
+# One dimensionality
+# ----------------------------------------------------------------------------------------------------
+def bench(dims: int, rounds: int, steps: int, peak_gflops: float) -> dict:
+    setup = SETUPS[dims]
+    shape, batch = setup["shape"], setup["batch"]
+    rng = np.random.default_rng(0)
+    keras.utils.set_random_seed(0)
+    memory, pipeline, images = datasets(dims, setup, rng)
+    inference_images = np.concatenate([images] * max(1, 32 // len(images)))[:32]
+
+    seg = segmenter_model(shape, setup)
+    contenders = {"segmenter_memory": (seg, memory), "segmenter_pipeline": (seg, pipeline)}
+    flops = {"segmenter": keras_forward_flops(seg)}
+    predicting = models.fold_batch_normalization(seg)  # as inference.trained_models loads a trained model
+    infer = {"segmenter": lambda: inference.predict_probabilities(predicting, inference_images, batch)}
+    if dims == 2:
+        reference = plain_keras_unet(shape, 1, setup)
+        reference.compile(optimizer=keras.optimizers.Adam(1e-3), loss=plain_dice_ce, jit_compile=False)
+        contenders = {"keras_reference": (reference, memory), **contenders}
+        flops["keras_reference"] = keras_forward_flops(reference)
+        reference_batch = tf.constant(inference_images[:batch])
+        infer["keras_reference"] = lambda: reference.predict_on_batch(reference_batch)
+
+    monai_skipped = None
+    try:
+        net, torch = monai_net(dims, setup)
+        from monai.losses import DiceCELoss
+    except Exception as error:  # noqa: BLE001 - any import failure means "the bench extra is not installed"
+        monai_skipped = f"torch/monai not importable ({type(error).__name__}: {error}); pip install -e '.[bench]'"
+    if monai_skipped is None:
+        to_torch = (lambda a: torch.from_numpy(np.ascontiguousarray(np.moveaxis(a, -1, 1))))
+        x_memory, y_memory = next(iter(memory))
+        x_memory, y_memory = to_torch(x_memory.numpy()), to_torch(y_memory.numpy())
+        optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+        loss_function = DiceCELoss(softmax=True, batch=True)
+        flops["monai"] = torch_forward_flops(net.eval(), x_memory)
+
+        def monai_step():
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_function(net(x_memory), y_memory)
+            loss.backward()
+            optimizer.step()
+
+        def monai_rate():
+            net.train()
+            for _ in range(WARMUP_STEPS):
+                monai_step()
+            started = time.perf_counter()
+            for _ in range(steps):
+                monai_step()
+            return batch * steps / (time.perf_counter() - started)
+
+        x_infer = to_torch(inference_images[:batch])
+
+        def monai_infer():
+            net.eval()
+            with torch.inference_mode():
+                torch.softmax(net(x_infer), dim=1).numpy()
+
+        infer["monai"] = monai_infer
+
+    train_rates = {name: [] for name in [*contenders, *([] if monai_skipped else ["monai"])]}
+    infer_rates = {name: [] for name in infer}
+    for round_index in range(rounds):
+        for name, (model, dataset) in contenders.items():
+            train_rates[name].append(keras_training_rate(model, dataset, batch, steps))
+            print(f"{dims}D round {round_index + 1}: {name} trains {train_rates[name][-1]:.2f} samples/s", flush=True)
+        if monai_skipped is None:
+            train_rates["monai"].append(monai_rate())
+            print(f"{dims}D round {round_index + 1}: monai trains {train_rates['monai'][-1]:.2f} samples/s", flush=True)
+        for name, function in infer.items():
+            samples = len(inference_images) if name == "segmenter" else batch
+            infer_rates[name].append(timed_rate(function, samples, repeats=max(2, steps // 2)))
+            print(f"{dims}D round {round_index + 1}: {name} infers {infer_rates[name][-1]:.2f} samples/s", flush=True)
+
+    def flops_of(name):
+        return flops["segmenter"] if name.startswith("segmenter") else flops[name]
+
+    result = {"setup": {**setup, "shape": list(shape), "classes": NUM_CLASSES,
+                        "segmenter_forward_gflop": round(flops["segmenter"] / 1e9, 2)},
+              "training": {}, "inference": {}}
+    for name, rates in train_rates.items():
+        rate = statistics.median(rates)
+        result["training"][name] = {
+            "samples_per_s": round(rate, 3), "all_rounds": [round(r, 3) for r in rates],
+            "forward_gflop_per_sample": round(flops_of(name) / 1e9, 2),
+            "fraction_of_matmul_peak": round(3 * flops_of(name) * rate / 1e9 / peak_gflops, 3)}
+    for name, rates in infer_rates.items():
+        rate = statistics.median(rates)
+        result["inference"][name] = {
+            "samples_per_s": round(rate, 3), "all_rounds": [round(r, 3) for r in rates],
+            "fraction_of_matmul_peak": round(flops_of(name) * rate / 1e9 / peak_gflops, 3)}
+    training_rates = {name: entry["samples_per_s"] for name, entry in result["training"].items()}
+    inference_rates = {name: entry["samples_per_s"] for name, entry in result["inference"].items()}
+    ratios = {"pipeline_cost": round(1 - training_rates["segmenter_pipeline"] / training_rates["segmenter_memory"], 3)}
+    if "keras_reference" in training_rates:
+        ratios["train_segmenter_pipeline_over_keras_reference"] = round(
+            training_rates["segmenter_pipeline"] / training_rates["keras_reference"], 3)
+        ratios["infer_segmenter_over_keras_reference"] = round(
+            inference_rates["segmenter"] / inference_rates["keras_reference"], 3)
+    if monai_skipped is None:
+        ratios["train_segmenter_pipeline_over_monai"] = round(training_rates["segmenter_pipeline"] / training_rates["monai"], 3)
+        ratios["infer_segmenter_over_monai"] = round(inference_rates["segmenter"] / inference_rates["monai"], 3)
+        result["monai"] = {"network": type(net).__name__, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    else:
+        result["monai"] = {"skipped": monai_skipped}
+    result["ratios"] = ratios
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dims", default="2,3", help="2, 3 or 2,3")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8, help="timed training steps per contender and round")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    args = parser.parse_args()
+
+    load_before = os.getloadavg()
+    peaks = [matmul_gflops()]
+    results = {}
+    for dims in (int(d) for d in args.dims.split(",")):
+        results[f"{dims}d"] = bench(dims, args.rounds, args.steps, peaks[0])
+    peaks.append(matmul_gflops())
+    result = {
+        "command": "python benchmarks/train_bench.py " + " ".join(
+            f"--{k} {v}" for k, v in (("dims", args.dims), ("rounds", args.rounds), ("steps", args.steps))),
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                    "load_average_before": [round(v, 2) for v in load_before],
+                    "matmul_gflops_before_after": [round(p, 1) for p in peaks]},
+        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
+        **results,
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(text + "\n")
+    print(f"written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()
