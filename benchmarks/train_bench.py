@@ -203,18 +203,6 @@ def images_of(labels: np.ndarray, rng) -> np.ndarray:
     return (labels + rng.normal(0.0, 0.5, labels.shape)).astype(np.float32)[..., None]
 
 
-class InMemoryVolumes(volume_dataset.VolumeSource):
-    """The train stage's volume source over generated volumes instead of a preloaded folder."""
-
-    def __init__(self, images, labels):
-        self.files, self.shapes = [None] * len(images), [image.shape[:3] for image in images]
-        self.num_channels, self.in_memory = 1, True
-        self._images = tf.constant(np.concatenate([image.reshape(-1, 1) for image in images]))
-        self._labels = tf.constant(np.concatenate([label.reshape(-1) for label in labels]))
-        self._offsets = tf.constant(np.cumsum([0] + [label.size for label in labels]), tf.int64)
-        self._shapes = tf.constant(np.array(self.shapes, dtype=np.int64))
-
-
 def datasets(dims: int, setup: dict, rng):
     """(in-memory batches, train-stage pipeline batches, a batch of inputs for inference), all endless."""
     shape, batch = setup["shape"], setup["batch"]
@@ -228,7 +216,7 @@ def datasets(dims: int, setup: dict, rng):
                                                 epochs=10_000, augmentation=train.augmentation, shuffle=True)
         return memory.batch(batch).prefetch(tf.data.AUTOTUNE), pipeline, images
     volumes = [blob_labels(rng, (36, 50, 35)) for _ in range(20)]
-    source = InMemoryVolumes([images_of(v, rng) for v in volumes], volumes)
+    source = volume_dataset.VolumeSource.from_arrays([images_of(v, rng) for v in volumes], volumes)
     pipeline = volume_dataset.training_patches(source, 10_000, shape, NUM_CLASSES, batch, first_epoch=0,
                                                epochs=1, augmentation=train.augmentation.volume, seed=0)
     patches = list(volume_dataset.patches_of_epoch(source, 4 * batch, shape, NUM_CLASSES, batch).unbatch())

@@ -97,8 +97,8 @@ def load_trained_model(config: Config) -> tuple[keras.Model, dict]:
 
 def predict_probabilities(model: keras.Model, images: np.ndarray, batch_size: int) -> np.ndarray:
     """Softmax probabilities (N, H, W, C) for normalised images (N, H, W, channels)."""
-    # predict_on_batch, batch by batch: model.predict builds a tf.data pipeline on every call, which cost a
-    # fifth of the time of a 256 x 256 image on 2 CPU cores (benchmarks/train_bench.py).
+    # predict_on_batch, batch by batch: model.predict builds a tf.data pipeline on every call, which cost
+    # about a fifth of the time of 32 images of 256 x 256 on 2 CPU cores (a first run of train_bench.py).
     return np.concatenate([np.asarray(model.predict_on_batch(images[start:start + batch_size]), dtype=np.float32)
                            for start in range(0, len(images), batch_size)])
 

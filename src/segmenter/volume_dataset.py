@@ -45,12 +45,25 @@ class VolumeSource:
             images, labels = [], []
             for path in self.files:
                 with np.load(path) as data:
-                    images.append(data["image"].reshape(-1, self.num_channels))
-                    labels.append(data["labels"].reshape(-1))
-            self._images = tf.constant(np.concatenate(images))
-            self._labels = tf.constant(np.concatenate(labels).astype(np.int32))
-            self._offsets = tf.constant(np.cumsum([0] + [int(np.prod(s)) for s in self.shapes]), tf.int64)
-            self._shapes = tf.constant(np.array(self.shapes, dtype=np.int64))
+                    images.append(data["image"])
+                    labels.append(data["labels"])
+            self._hold(images, labels)
+
+    @classmethod
+    def from_arrays(cls, images: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> "VolumeSource":
+        """A source of volumes already in memory (float32 (D, H, W, C) images, integer label maps)."""
+        source = cls.__new__(cls)
+        source.files, source.shapes = [None] * len(images), [tuple(label.shape) for label in labels]
+        source.num_channels, source.in_memory = images[0].shape[-1], True
+        source._hold(images, labels)
+        return source
+
+    def _hold(self, images, labels) -> None:
+        """Keep the volumes as one flat tensor each for images and labels, with every volume's offset and shape."""
+        self._images = tf.constant(np.concatenate([image.reshape(-1, self.num_channels) for image in images]))
+        self._labels = tf.constant(np.concatenate([label.reshape(-1) for label in labels]).astype(np.int32))
+        self._offsets = tf.constant(np.cumsum([0] + [int(np.prod(s)) for s in self.shapes]), tf.int64)
+        self._shapes = tf.constant(np.array(self.shapes, dtype=np.int64))
 
     def __len__(self) -> int:
         return len(self.files)

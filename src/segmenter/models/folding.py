@@ -24,7 +24,7 @@ def _foldable_pairs(model: keras.Model) -> dict[str, keras.layers.Layer]:
         if not isinstance(layer, layers.BatchNormalization) or layer.axis not in (-1, len(layer.input.shape) - 1):
             continue
         producer = layer.input._keras_history.operation
-        if (isinstance(producer, _CONVOLUTIONS) and type(producer) in _CONVOLUTIONS and producer.groups == 1
+        if (type(producer) in _CONVOLUTIONS and producer.groups == 1  # not a subclass such as a transpose
                 and len(producer._outbound_nodes) == 1 and len(producer._inbound_nodes) == 1):
             pairs[layer.name] = producer
     return pairs
