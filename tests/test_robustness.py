@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from segmenter import cli, layout, locks
+from segmenter import artifacts, cli, interrupts, layout, locks
 from segmenter.artifacts import sha256_of_file
 from segmenter.config import ConfigError, build_config
 from segmenter.errors import BusyError, InputError, resource_problem
@@ -34,7 +34,7 @@ from segmenter.preload import preload
 from tests.conftest import REPO_ROOT, run_cli, write_config
 from tests.test_preload import make_png_npy_set
 
-SLOW_CASES = 800  # NPY pairs of 128 x 128: preload takes 10 s or more on a 2-core machine
+SLOW_CASES = 6000  # NPY pairs of 128 x 128: a preload takes 10 s or more on a 2-core machine (about 2 ms a case)
 
 
 def _raw_config(data: Path, work: Path, **preload_settings) -> dict:
@@ -59,9 +59,15 @@ def slow_data(tmp_path_factory) -> Path:
     mask = np.zeros((128, 128), np.uint8)
     mask[30:60, 30:60] = 1
     mask[80:100, 80:100] = 2
-    for index in range(SLOW_CASES):
+    # A few distinct images, hard-linked under many names: the preload reads and hashes every name as a case
+    # of its own, at the cost of a few files on disk.
+    distinct = 8
+    for index in range(distinct):
         np.save(folder / "images" / f"{index}.npy", (rng.random((128, 128)) * 255).astype(np.float32))
         np.save(folder / "masks" / f"{index}.npy", mask)
+    for index in range(distinct, SLOW_CASES):
+        for kind in ("images", "masks"):
+            os.link(folder / kind / f"{index % distinct}.npy", folder / kind / f"{index}.npy")
     return folder
 
 
@@ -229,6 +235,51 @@ def test_sigterm_raises_in_the_main_thread_only_while_a_stage_runs():
     before = signal.getsignal(signal.SIGTERM)
     assert cli.run_stage(body) == cli.EXIT_TERMINATED
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def _swallowing(function):
+    """Call ``function`` as some C and Rust libraries call Python back: any exception is dropped."""
+    try:
+        function()
+    except BaseException:  # pydantic-core dropped a Ctrl-C raised inside an isinstance check like this
+        pass
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, cli.EXIT_TERMINATED),
+                                            (signal.SIGINT, cli.EXIT_INTERRUPTED)])
+def test_a_stop_swallowed_by_a_library_still_keeps_the_earlier_output(tmp_path, signum, status, capsys,
+                                                                      monkeypatch):
+    # Python's Ctrl-C handler, as in a terminal, even when the tests run in the background (SIGINT ignored)
+    monkeypatch.setattr(signal, "getsignal", lambda number: signal.default_int_handler)
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "result.txt").write_text("earlier")
+
+    def body():
+        with artifacts.atomic_directory(final) as tmp:
+            (tmp / "result.txt").write_text("new")
+            _swallowing(lambda: (os.kill(os.getpid(), signum), time.sleep(5)))
+            artifacts.write_text_atomic("half", tmp_path / "single.txt")
+
+    assert cli.run_stage(body) == status
+    assert capsys.readouterr().err.strip() == cli.INTERRUPTED_MESSAGE
+    assert (final / "result.txt").read_text() == "earlier"
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    assert interrupts.requested() is None  # the next stage in this process starts afresh
+    assert cli.run_stage(lambda: artifacts.write_text_atomic("next", tmp_path / "next.txt")) == 0
+
+
+def test_an_error_that_a_stop_became_is_reported_as_the_stop(tmp_path, capsys):
+    def body():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except BaseException as error:  # as np.load turned a Ctrl-C into "TypeError: expected str, bytes ..."
+            raise TypeError("expected str, bytes or os.PathLike object, not BufferedReader") from error
+        raise AssertionError("not interrupted")
+
+    assert cli.run_stage(body) == cli.EXIT_TERMINATED
+    assert capsys.readouterr().err.strip() == cli.INTERRUPTED_MESSAGE
 
 
 # ----------------------------------------------------------------------------------------------------

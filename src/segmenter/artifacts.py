@@ -44,7 +44,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from segmenter import layout
+from segmenter import interrupts, layout
 
 #: Compression suffixes that belong to the suffix before them (``.nii.gz``, ``.tar.gz``).
 _COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
@@ -197,6 +197,7 @@ def atomic_file(path: Path, *, suffix: Optional[str] = None) -> Iterator[Path]:
         yield tmp
         if not tmp.is_file():
             raise FileNotFoundError(errno.ENOENT, f"nothing was written for {path}", str(tmp))
+        interrupts.raise_if_requested()  # a stop that the code in the block swallowed still keeps the old file
         _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -323,6 +324,7 @@ def atomic_directory(final_dir: Path) -> Iterator[Path]:
     tmp_dir.mkdir()
     try:
         yield tmp_dir
+        interrupts.raise_if_requested()  # likewise for a folder
         _fsync_tree(tmp_dir)
     except BaseException:
         _remove(tmp_dir)

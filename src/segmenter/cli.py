@@ -21,16 +21,16 @@ import difflib
 import importlib
 import os
 import re
-import signal
 import sys
 import tempfile
-import threading
 import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
+from segmenter import interrupts
 from segmenter.config import Config, ConfigError, load_config
 from segmenter.errors import BusyError, InputError, resource_problem
+from segmenter.interrupts import Terminated, interrupts_raise
 
 STAGES = ("preload", "tune", "train", "predict", "evaluate")
 
@@ -96,41 +96,6 @@ def load_config_or_exit(args: argparse.Namespace) -> Config:
         raise SystemExit(EXIT_CONFIG_ERROR) from None
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread as Ctrl-C raises KeyboardInterrupt, so the same cleanup runs."""
-
-
-@contextlib.contextmanager
-def interrupts_raise() -> Iterator[None]:
-    """While the block runs, SIGINT raises KeyboardInterrupt and SIGTERM :class:`Terminated` in the main thread.
-
-    Every output is written under a temporary name that is removed on any exception (segmenter.artifacts),
-    so an interrupted stage leaves the earlier output as it was. Signals that come while that cleanup runs
-    are ignored (``kill -9`` still stops the process). A signal the caller ignores (SIG_IGN, e.g. SIGINT of
-    a background job) stays ignored. Outside the main thread this does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    interrupted = []
-
-    def handler(signum, frame):
-        if interrupted:  # already stopping: let the cleanup finish
-            return
-        interrupted.append(signum)
-        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
-
-    previous = {}
-    for number in (signal.SIGINT, signal.SIGTERM):
-        if signal.getsignal(number) is not signal.SIG_IGN:
-            previous[number] = signal.signal(number, handler)
-    try:
-        yield
-    finally:
-        for number, old in previous.items():
-            signal.signal(number, old if old is not None else signal.SIG_DFL)
-
-
 def interrupted_status(error: KeyboardInterrupt) -> int:
     """Print the one line of an interrupted stage; 143 for SIGTERM, 130 for Ctrl-C."""
     print(INTERRUPTED_MESSAGE, file=sys.stderr, flush=True)
@@ -153,11 +118,18 @@ def resource_message(problem: str, error: BaseException) -> str:
 def run_stage(body: Callable[[], object]) -> int:
     """Run a stage body, turning known errors into one line on stderr and a non-zero exit status.
 
-    SIGINT and SIGTERM stop the stage with one line and status 130 / 143 (see :func:`interrupts_raise`).
+    SIGINT and SIGTERM stop the stage with one line and status 130 / 143 (see :mod:`segmenter.interrupts`).
     """
     try:
         with interrupts_raise():
-            result = body()
+            try:
+                result = body()
+            except Exception as error:
+                # A stop that a library turned into another error (see segmenter.interrupts) is still a stop.
+                stop = interrupts.requested()
+                if stop is not None:
+                    raise stop from error
+                raise
     except KeyboardInterrupt as error:
         return interrupted_status(error)
     except Exception as error:

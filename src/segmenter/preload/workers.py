@@ -15,6 +15,7 @@ from typing import Optional
 
 from tqdm import tqdm
 
+from segmenter import interrupts
 from segmenter.config import Config
 from segmenter.errors import InputError, resource_problem
 from segmenter.manifest import CaseRecord, VolumePlan
@@ -151,4 +152,6 @@ class Workers:
         # Worker processes have the config already (_init_worker); in this process it is passed along.
         job = functools.partial(_case_job, config=None if self.parallel else self.config, with_digests=with_digests)
         outcomes = self.map(job, jobs, ordered=False, chunksize=4) if self.parallel else map(job, jobs)
-        yield from tqdm(outcomes, **progress)
+        for outcome in tqdm(outcomes, **progress):
+            interrupts.raise_if_requested()  # a Ctrl-C swallowed inside a reader stops here, not at the end
+            yield outcome
