@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
+import segmenter.models  # noqa: F401  (registers the custom layers and models for load_model)
 from segmenter import layout
 from segmenter.config import load_config
 from segmenter.manifest import read_manifest

@@ -10,10 +10,12 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from segmenter import cli, losses
+from segmenter import cli, layout, losses
 from segmenter.config import AugmentationConfig, ConfigError, TrainConfig, build_config
 from segmenter.data_pipeline import epochs_dataset, samples_dataset
+from segmenter.inference import load_trained_model
 from segmenter.manifest import read_manifest
+from segmenter.models.deep_supervision import DeepSupervisionModel
 from segmenter.preload import preload
 from segmenter.training import TrainingDiverged, learning_rate_at, train_final_model, validation_split
 from tests.conftest import tiny_ct_config
@@ -74,6 +76,27 @@ def test_validation_best_checkpoint_and_logged_learning_rate(preloaded_config):
     assert (out / "checkpoints" / "last" / "model.keras").is_file() and (out / "training_curves.png").is_file()
     model = keras.models.load_model(result.model_path)
     assert model.optimizer.clipnorm == 1.0
+
+
+def test_deep_supervision_trains_and_resumes_exactly_and_predicts_through_the_main_output(preloaded_config):
+    config = _config(preloaded_config, epochs=2, validation_fraction=0.3)
+    config.train.model.deep_supervision = True
+    result = train_final_model(config)
+    model = keras.models.load_model(result.model_path)  # compiled: its loss and metrics load too
+    assert isinstance(model, DeepSupervisionModel) and len(model.outputs) >= 2
+    history = pd.read_csv(config.stage_dir("train") / "history.csv")
+    assert {"loss", "val_loss", "val_mean_foreground_dice"} <= set(history.columns)
+    assert not [column for column in history.columns if "probabilities" in column]  # one loss, main metrics
+
+    # Interrupted after one epoch and resumed: bit for bit the weights of two epochs in one go.
+    first = _weights(layout.last_checkpoint_dir(config.stage_dir("train")) / layout.MODEL)
+    train_final_model(_config(config, epochs=1))
+    train_final_model(config, resume=True)
+    resumed = _weights(layout.last_checkpoint_dir(config.stage_dir("train")) / layout.MODEL)
+    assert all(np.array_equal(a, b) for a, b in zip(first, resumed))
+
+    predictor, _preprocessing = load_trained_model(config)
+    assert predictor.output_shape == (None, *config.preload.image_size, len(config.classes))
 
 
 def test_augmentation_streams_are_stateless_and_resume_exactly(preloaded_config):

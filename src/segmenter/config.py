@@ -138,6 +138,16 @@ class ModelConfig(_Section):
     backbone: Literal["mobilenetv2", "resnet50"] = "mobilenetv2"
     encoder_weights: Optional[str] = None
     freeze_encoder_epochs: int = Field(0, ge=0)
+    # Auxiliary outputs at the decoder's coarser levels whose losses join the main one in training
+    # (nnU-Net's default; segmenter.models.deep_supervision). The U-Nets and medpatchnet only.
+    deep_supervision: bool = False
+
+    @model_validator(mode="after")
+    def _deep_supervision_needs_a_decoder_of_levels(self) -> "ModelConfig":
+        if self.deep_supervision and self.architecture in ("mobilenetv2_unet", "deeplabv3plus"):
+            raise ValueError(f"deep_supervision is for unet, attention_unet, residual_unet and medpatchnet, "
+                             f"not {self.architecture}")
+        return self
 
 
 class VolumeAugmentationConfig(_Section):

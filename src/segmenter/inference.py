@@ -76,7 +76,8 @@ def trained_models(config: Config):
         preprocessing = read_json(layout.preprocessing_path(folder))
         check_classes(config.classes, preprocessing["classes"], f"the model in {folder}")
         # Batch norm folded into the convolutions: the same predictions, a fifth faster (models.folding).
-        model = segmenter.models.fold_batch_normalization(keras.models.load_model(model_path, compile=False))
+        model = segmenter.models.fold_batch_normalization(
+            segmenter.models.inference_model(keras.models.load_model(model_path, compile=False)))
         outputs = model.output_shape[-1]
         if outputs != len(config.classes):
             raise ConfigError(f"{model_path}: the model has {outputs} output channels but the config names "

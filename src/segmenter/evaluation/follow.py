@@ -127,7 +127,7 @@ def follow_training(config: Config, interval_s: float = 30.0, once: bool = False
 
     import segmenter.losses  # noqa: F401  (custom objects of the checkpoints)
     import segmenter.metrics  # noqa: F401
-    import segmenter.models  # noqa: F401
+    import segmenter.models
 
     manifest = read_manifest(config.preloaded_dir)
     indices = validation_cases(config, manifest)
@@ -149,7 +149,8 @@ def follow_training(config: Config, interval_s: float = 30.0, once: bool = False
             state = _copy_checkpoint(last_dir, Path(scratch))
             epoch = None if state is None else int(state["epoch"])
             if epoch is not None and (scores.empty or epoch not in set(scores["epoch"])):
-                model = keras.models.load_model(Path(scratch) / layout.MODEL, compile=False)
+                model = segmenter.models.inference_model(
+                    keras.models.load_model(Path(scratch) / layout.MODEL, compile=False))
                 row = {"epoch": epoch, **score_checkpoint(model, config, manifest, indices)}
                 scores = pd.concat([scores, pd.DataFrame([row])], ignore_index=True).sort_values("epoch")
                 write_text_atomic(scores.to_csv(index=False), folder / layout.FOLLOW_SCORES)

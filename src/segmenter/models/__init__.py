@@ -6,6 +6,7 @@ from segmenter.models.factory import (
     build_model,
     set_encoder_trainable,
 )
+from segmenter.models.deep_supervision import inference_model
 from segmenter.models.folding import fold_batch_normalization
 
 __all__ = [
@@ -14,5 +15,6 @@ __all__ = [
     "PRETRAINED_ENCODER_ARCHITECTURES",
     "build_model",
     "fold_batch_normalization",
+    "inference_model",
     "set_encoder_trainable",
 ]

@@ -230,14 +230,14 @@ def maybe_dropout(x, rate: float, name: str):
     return layers.Dropout(rate, name=name)(x)
 
 
-def classifier(x, num_classes: int):
-    """Per-pixel (per-voxel in 3D) class probabilities.
+def classifier(x, num_classes: int, prefix: str = ""):
+    """Per-pixel (per-voxel in 3D) class probabilities; ``prefix`` names an auxiliary head's layers.
 
     The softmax runs in float32 whatever the global dtype policy, so that under mixed precision the
     probabilities and the loss computed from them keep full precision.
     """
-    x = conv(x, num_classes, 1, name="logits")
-    return layers.Activation("softmax", dtype="float32", name="probabilities")(x)
+    x = conv(x, num_classes, 1, name=f"{prefix}logits")
+    return layers.Activation("softmax", dtype="float32", name=f"{prefix}probabilities")(x)
 
 
 def check_input_size(input_shape: tuple[int, ...], divisor: int, architecture: str) -> None:

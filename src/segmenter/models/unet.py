@@ -7,6 +7,7 @@ block each level is made of and in whether an attention gate filters the skip co
 Each builds a 2D model for an ``input_shape`` of (height, width, channels) and a 3D model (3D
 convolutions, pooling and up-sampling, as in Çiçek et al. 2016's 3D U-Net) for (depth, height, width,
 channels); the blocks pick their layers from the rank of the tensors, so layer names are the same in both.
+With ``deep_supervision`` the decoder's coarser levels get auxiliary outputs (models.deep_supervision).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import keras
 from keras import layers
 
 from segmenter.config import ModelConfig
-from segmenter.models import blocks
+from segmenter.models import blocks, deep_supervision
 
 
 def unet(input_shape: tuple[int, ...], num_classes: int, settings: ModelConfig) -> keras.Model:
@@ -58,6 +59,8 @@ def encoder_decoder(input_shape, num_classes: int, settings: ModelConfig, *, blo
     x = blocks.maybe_dropout(x, settings.dropout, name="bottleneck_dropout")
 
     # Decoder: double the resolution, join the skip connection of the same level, refine.
+    supervised = deep_supervision.supervised_levels(depth) if settings.deep_supervision else []
+    auxiliary = {}
     for level in reversed(range(depth)):
         filters = base_filters * 2**level
         x = blocks.upsample(x, filters, settings.upsampling, name=f"decoder_{level}_up")
@@ -66,6 +69,11 @@ def encoder_decoder(input_shape, num_classes: int, settings: ModelConfig, *, blo
             skip = blocks.attention_gate(skip, x, max(filters // 2, 1), name=f"decoder_{level}_attention")
         x = layers.Concatenate(name=f"decoder_{level}_concat")([x, skip])
         x = block(x, filters, normalization, name=f"decoder_{level}")
+        if level in supervised:
+            auxiliary[level] = blocks.classifier(x, num_classes, prefix=f"deep_supervision_{level}_")
 
     outputs = blocks.classifier(x, num_classes)
+    if supervised:
+        return deep_supervision.DeepSupervisionModel(inputs, [outputs, *(auxiliary[level] for level in supervised)],
+                                                     name=name)
     return keras.Model(inputs, outputs, name=name)
