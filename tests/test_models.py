@@ -26,6 +26,7 @@ SMALL_MODELS = [
     ("deeplabv3plus_mobilenetv2", {"architecture": "deeplabv3plus", "base_filters": 2, "backbone": "mobilenetv2"}, 64),
     ("deeplabv3plus_resnet50", {"architecture": "deeplabv3plus", "base_filters": 2, "backbone": "resnet50"}, 64),
     ("medpatchnet", {"architecture": "medpatchnet", "depth": 2, "base_filters": 4}, 32),
+    ("unet_deep_supervision", {"architecture": "unet", "depth": 3, "base_filters": 4, "deep_supervision": True}, 32),
 ]
 NUM_CLASSES = 3
 
