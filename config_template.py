@@ -165,6 +165,9 @@ CONFIG = {
             "encoder_weights": None,
             # Keep a pretrained encoder frozen for this many epochs first.
             "freeze_encoder_epochs": 0,
+            # Auxiliary outputs at the decoder's coarser levels whose losses join the main one in training
+            # (nnU-Net's deep supervision); not for mobilenetv2_unet and deeplabv3plus.
+            "deep_supervision": False,
         },
         # "dice", "jaccard", "cross_entropy", "dice_ce" (Dice + cross-entropy), "focal" or "tversky".
         "loss": "dice_ce",
