@@ -268,3 +268,20 @@ def test_sampler_in_parallel_tf_data_map_has_static_shapes_and_repeats():
         batch_images, batch_labels = batches[index // 3]
         np.testing.assert_allclose(batch_images[index % 3], image_patch.numpy(), atol=1e-5)
         np.testing.assert_array_equal(batch_labels[index % 3], label_patch.numpy())
+
+
+def test_trilinear_interpolation_matches_scipy_with_zeros_outside():
+    from scipy import ndimage
+
+    from segmenter.patches import _trilinear
+
+    rng = np.random.default_rng(3)
+    image = rng.normal(size=(6, 7, 5, 2)).astype(np.float32)
+    # Inside, on the borders, half a voxel and far outside, and on exact voxel centres.
+    coords = np.concatenate([rng.uniform(-2.5, 8.5, (400, 3)), [[0, 0, 0], [5, 6, 4], [-0.5, 3, 2], [5.5, 1, 1],
+                                                                 [-1, 2, 2], [6, 2, 2], [-9.3, 1, 1], [40, 50, 60]]])
+    coords = coords.astype(np.float32)
+    result = _trilinear(tf.constant(image), tf.constant(coords)).numpy()
+    expected = np.stack([ndimage.map_coordinates(image[..., c], coords.T, order=1, mode="grid-constant", cval=0.0)
+                         for c in range(2)], axis=-1)
+    np.testing.assert_allclose(result, expected, atol=1e-5)
