@@ -101,7 +101,7 @@ CONFIG = {
         "skip_invalid": False,
         # 2: the model sees 2D slices (image_size, slice_axis above). 3: it sees 3D patches of whole volumes
         # (NIfTI, DICOM series, 3D NPY): each training volume is cropped (crop_to_nonzero), normalised per
-        # channel and resampled to target_spacing (images cubic, label maps linear on one-hot); predict
+        # channel and resampled to target_spacing (image_interpolation, label_interpolation); predict
         # prepares new volumes alike and takes its output back to each volume's own grid.
         "spatial_dims": 2,
         # mm per array axis that volumes are resampled to; None: the median spacing of the training volumes.
@@ -111,6 +111,13 @@ CONFIG = {
         "patch_size": None,
         # Crop each volume to the box around its non-zero voxels first (MRI background); undone on output.
         "crop_to_nonzero": False,
+        # Resampling of volumes: images "cubic" (splines, as nnU-Net) or "linear"; label maps "linear" (each
+        # class's one-hot mask interpolated, the largest wins, as nnU-Net) or "nearest".
+        "image_interpolation": "cubic",
+        "label_interpolation": "linear",
+        # Thick slices: a volume (or target spacing) whose coarsest spacing is more than this many times its
+        # finest is resampled in-plane first, then along that axis by nearest slice (nnU-Net); None: never.
+        "anisotropy_threshold": 3.0,
         # Memory (MB) the planner may plan one 3D training step for (activations and gradients).
         "plan_memory_mb": 2048.0,
     },
@@ -168,6 +175,9 @@ CONFIG = {
             # Auxiliary outputs at the decoder's coarser levels whose losses join the main one in training
             # (nnU-Net's deep supervision); not for mobilenetv2_unet and deeplabv3plus.
             "deep_supervision": False,
+            # 3D only: also give the network where each voxel of its patch lies in the volume, at every
+            # level (MedPatchNet's position-conditioned convolutions); not for mobilenetv2_unet and deeplabv3plus.
+            "position_conditioning": False,
         },
         # "dice", "jaccard", "cross_entropy", "dice_ce" (Dice + cross-entropy), "focal" or "tversky".
         "loss": "dice_ce",

@@ -111,6 +111,49 @@ def test_foreground_patches_choose_classes_uniformly():
     assert 18 <= counts[1] <= 42 and 18 <= counts[2] <= 42, counts  # class 2 is 24 times smaller
 
 
+def test_stored_class_locations_pick_the_patches_a_search_of_the_volume_picks():
+    """With every voxel of a class stored (classes up to LOCATIONS_PER_CLASS voxels), the sampler's draw from the
+    stored list picks the voxel its search of the label map would: the same patches, bit for bit."""
+    from segmenter.volumes import class_locations
+
+    labels = _labels()
+    image = _image(labels)
+    locations, counts = class_locations(labels, 3, seed=0)
+    assert counts.tolist() == [288, 12] and locations.shape == (300, 3) and locations.dtype == np.int32
+    sample = make_patch_sampler(PATCH, VolumeAugmentationConfig(**{**ALL_OFF, **SPATIAL["rotation"]}))
+    for seed in range(10):
+        arguments = (tf.constant(image), tf.constant(labels), tf.constant([seed, 3], tf.int64), tf.constant(True))
+        searched = sample(*arguments)
+        stored = sample(*arguments, locations, counts)
+        for a, b in zip(searched, stored):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # A class absent from the volume has no locations and is never chosen.
+    only_one = np.where(labels == 2, 0, labels)
+    locations, counts = class_locations(only_one, 3, seed=0)
+    assert counts.tolist() == [288, 0]
+    for seed in range(5):
+        _, label_patch = sample(tf.constant(image), tf.constant(only_one), tf.constant([seed, 3], tf.int64),
+                                tf.constant(True), locations, counts)
+        assert (label_patch.numpy() == 1).any()
+
+
+def test_class_locations_of_a_large_class_are_a_seeded_uniform_subset(monkeypatch):
+    from segmenter import volumes
+
+    monkeypatch.setattr(volumes, "LOCATIONS_PER_CLASS", 100)
+    labels = np.zeros((40, 40, 40), np.int32)
+    labels[:, :, :25] = 1  # 40,000 voxels: 1% of them (400) beats 100
+    labels[5:10, 5:10, 30:34] = 2  # 100 voxels: all kept
+    locations, counts = volumes.class_locations(labels, 3, seed=4)
+    assert counts.tolist() == [400, 100]
+    ones, twos = locations[:400], locations[400:]
+    assert (labels[tuple(ones.T)] == 1).all() and (labels[tuple(twos.T)] == 2).all()
+    assert len(np.unique(ones, axis=0)) == 400 and (np.lexsort(ones.T[::-1]) == np.arange(400)).all()  # C order
+    # Spread over the whole class, not its first rows; the same seed gives the same subset.
+    assert ones[:, 0].min() < 5 and ones[:, 0].max() > 35
+    np.testing.assert_array_equal(volumes.class_locations(labels, 3, seed=4)[0], locations)
+
+
 def test_random_patches_rarely_hold_a_tiny_blob_forced_ones_always():
     labels = np.zeros(SHAPE, np.int32)
     labels[2, 2, 2] = 1

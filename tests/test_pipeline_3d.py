@@ -137,6 +137,37 @@ def test_volumes_run_through_the_five_stages_in_3d(volumes, tmp_path):
         assert (experiment / "predict" / f"visualize_{split}.png").stat().st_size > 1000
 
 
+def test_a_position_conditioned_medpatchnet_gets_its_positions_in_every_stage(volumes, tmp_path):
+    """train (patches with positions, also for validation), predict (sliding window with positions), evaluate
+    --follow (the validation volumes) and the model bundle all agree on the model's four input channels."""
+    from segmenter import models
+    from segmenter.evaluation.follow import follow_training
+    from segmenter.inference import predict_test_set
+    from segmenter.preload import preload
+    from segmenter.training import train_final_model
+
+    config_path = config_3d(volumes, tmp_path, validation_fraction=0.34,
+                            model={"architecture": "medpatchnet", "base_filters": 4, "position_conditioning": True})
+    config = load_config(config_path)
+    preload(config, log=lambda *_: None)
+    train_final_model(config)
+    experiment = tmp_path / "exp" / "toy3d"
+    model = keras.models.load_model(layout.model_path(experiment / "train"), compile=False)
+    assert models.takes_positions(model) and model.input_shape[-1] == 1 + 3
+    preprocessing = json.loads(layout.preprocessing_path(experiment / "train").read_text())
+    assert preprocessing["position_channels"] is True and preprocessing["channels"] == ["image"]
+    history = pd.read_csv(layout.history_path(experiment / "train"))
+    assert len(history) == 2 and history["val_loss"].notna().all()
+
+    assert predict_test_set(config).num_masks == 2
+    follow = follow_training(config, once=True, log=lambda *_: None)
+    scores = pd.read_csv(experiment / "follow" / "scores.csv")
+    assert list(scores.epoch) == [2] and scores["mean_foreground_dice"].between(0, 1).all(), follow
+    result = run_cli("evaluate", "--config", str(config_path))
+    assert result.returncode == 0, result.stderr
+    assert len(pd.read_csv(experiment / "evaluate" / "metrics.csv")) == 4  # 2 volumes x 2 classes
+
+
 def test_a_volume_is_predicted_on_its_own_grid_through_resampling(volumes, tmp_path):
     """A fake model that returns its input's class map: the prediction must give back the true labels."""
     from segmenter.config import NormalizationConfig
@@ -168,14 +199,16 @@ def test_a_volume_is_predicted_on_its_own_grid_through_resampling(volumes, tmp_p
 
 
 def test_the_tune_stage_searches_3d_architectures(volumes, tmp_path):
-    """Trials build 3D models from the plan and train on patches drawn from the search-train volumes."""
+    """Trials build 3D models from the plan and train on patches drawn from the search-train volumes (with
+    their positions: position_conditioning is a train.model setting like the others)."""
     from segmenter.preload import preload
     from segmenter import tuning
 
     config = load_config(config_3d(volumes, tmp_path))
     config = config.model_copy(update={"tune": config.tune.model_copy(update={
         "tuner": "random", "max_trials": 2, "max_epochs": 1, "validation_fraction": 0.34,
-        "search_space": {"architecture": ["unet", "medpatchnet"], "learning_rate": 0.003}})})
+        "search_space": {"architecture": ["unet", "medpatchnet"], "learning_rate": 0.003,
+                         "position_conditioning": True}})})
     config.train.patches_per_epoch = 4
     preload(config, log=lambda *_: None)
     result = tuning.run_search(config)
@@ -183,6 +216,7 @@ def test_the_tune_stage_searches_3d_architectures(volumes, tmp_path):
     assert len(trials) == 2 and set(trials.status) == {"COMPLETED"}
     assert trials[f"val_{tuning.OBJECTIVE}"].between(0.0, 1.0).all() and result.num_trials == 2
     assert set(trials.architecture) <= {"unet", "medpatchnet"} and "depth" not in trials  # the plan's depth
+    assert trials.position_conditioning.all()  # each trial's model took, and was fed, the patches' positions
 
 
 def test_a_cropped_volume_is_put_back_in_place():

@@ -7,7 +7,7 @@ import pytest
 
 from segmenter.preprocessing.resample import (box_from_json, box_to_json, crop, cropped_affine, nonzero_box,
                                               resample_image, resample_labels, resample_probabilities,
-                                              resampled_affine, resampled_shape, uncrop)
+                                              resampled_affine, resampled_shape, separate_axis, uncrop)
 
 
 def _affine(seed=0):
@@ -194,3 +194,62 @@ def test_cropped_affine_and_box_json():
     np.testing.assert_allclose(_mm(cropped, [4, 1, 2]), _mm(affine, [7, 3, 3]))
     assert cropped_affine(None, box) is None
     assert box_from_json(json.loads(json.dumps(box_to_json(box)))) == box
+
+
+@pytest.mark.parametrize("spacing, target, threshold, expected", [
+    ((1.0, 1.0, 1.0), (1.0, 1.0, 1.0), 3.0, None),
+    ((0.8, 0.8, 5.0), (0.8, 0.8, 5.0), 3.0, 2),  # thick slices along the last axis
+    ((4.0, 0.7, 0.7), (1.0, 1.0, 1.0), 3.0, 0),  # the volume's own anisotropy decides first
+    ((1.0, 1.0, 1.0), (1.0, 1.0, 3.5), 3.0, 2),  # else the target's
+    ((0.8, 0.8, 2.0), (0.8, 0.8, 2.0), 3.0, None),  # 2.5 times: below the threshold
+    ((4.0, 4.0, 1.0), (4.0, 4.0, 1.0), 3.0, None),  # two coarse axes: no single slice direction
+    ((0.8, 0.8, 5.0), (0.8, 0.8, 5.0), None, None),  # switched off
+])
+def test_the_thick_slice_axis_is_chosen_as_nnunet_chooses_it(spacing, target, threshold, expected):
+    assert separate_axis(spacing, target, threshold) == expected
+
+
+def test_thick_slices_are_resampled_in_plane_then_by_nearest_slice():
+    """Along the separate axis every new slice is a copy of an in-plane-resampled old slice (nothing is mixed
+    across slices), and the in-plane resampling is the one all axes would get."""
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(12, 10, 4)).astype(np.float32)
+    labels = (image > 0.3).astype(np.uint8) + (image > 1.2).astype(np.uint8)
+    new_shape = (18, 15, 10)
+    in_plane = resample_image(image, (18, 15, 4))
+    separate = resample_image(image, new_shape, separate=2)
+    assert separate.shape == new_shape
+    # Each new slice equals one of the in-plane resampled old slices, in order (nearest, grid-mode).
+    sources = [int(np.argmin([np.abs(separate[..., k] - in_plane[..., j]).max() for j in range(4)])) for k in range(10)]
+    assert sources == sorted(sources) and set(sources) == {0, 1, 2, 3}
+    for k, j in enumerate(sources):
+        np.testing.assert_array_equal(separate[..., k], in_plane[..., j])
+    assert not np.allclose(resample_image(image, new_shape), separate)  # unlike splines across the slices
+    label_planes = resample_labels(labels, (18, 15, 4), 3)
+    separate_labels = resample_labels(labels, new_shape, 3, separate=2)
+    for k, j in enumerate(sources):
+        np.testing.assert_array_equal(separate_labels[..., k], label_planes[..., j])
+    # The channels of an image are resampled alike; an axis whose size stays is not touched by the rule.
+    two = resample_image(np.stack([image, -image], axis=-1), new_shape, separate=2)
+    np.testing.assert_array_equal(two[..., 1], -separate)
+    np.testing.assert_array_equal(resample_image(image, (18, 15, 4), separate=2), in_plane)
+
+
+def test_preparing_a_thick_slice_volume_follows_the_plan():
+    """prepare_volume takes the interpolation settings and the threshold from the plan; a plan written before
+    they existed (no threshold) prepares volumes as before."""
+    from segmenter.config import NormalizationConfig
+    from segmenter.manifest import VolumePlan
+    from segmenter.volumes import prepare_volume
+
+    rng = np.random.default_rng(1)
+    image = rng.normal(size=(16, 16, 5, 1)).astype(np.float32)
+    settings = dict(target_spacing=[1.0, 1.0, 2.5], median_shape=[16, 16, 10], patch_size=[16, 16, 8],
+                    batch_size=2, depth=2, estimated_mb=1.0, crop_to_nonzero=False, intensity_statistics=[None])
+    none = [NormalizationConfig(method="none")]
+    old_plan = VolumePlan(**settings)
+    prepared, _, _ = prepare_volume(image, (1.0, 1.0, 5.0), old_plan, none)
+    np.testing.assert_allclose(prepared, resample_image(image, (16, 16, 10)))
+    thick = VolumePlan(**settings, anisotropy_threshold=3.0, image_interpolation="linear")
+    prepared, _, _ = prepare_volume(image, (1.0, 1.0, 5.0), thick, none)
+    np.testing.assert_allclose(prepared, resample_image(image, (16, 16, 10), order=1, separate=2))

@@ -97,6 +97,14 @@ class PreloadConfig(_Section):
     patch_size: Optional[tuple[PositiveInt, PositiveInt, PositiveInt]] = None
     # Crop each volume to the box around its non-zero voxels before resampling (undone on output).
     crop_to_nonzero: bool = False
+    # Resampling of 3D volumes: images with cubic splines or linearly; label maps linearly on one-hot (each
+    # class's mask interpolated, the largest wins) or by nearest neighbour.
+    image_interpolation: Literal["cubic", "linear"] = "cubic"
+    label_interpolation: Literal["linear", "nearest"] = "linear"
+    # A volume (or target spacing) whose coarsest spacing is more than this many times its finest is
+    # resampled in-plane first, then along that axis by nearest slice (nnU-Net's thick-slice rule);
+    # None: every axis alike.
+    anisotropy_threshold: Optional[float] = Field(3.0, gt=1.0)
     # Memory the planner may plan one training step of a 3D model for (activations and gradients), in MB.
     plan_memory_mb: float = Field(2048.0, gt=0.0)
 
@@ -141,12 +149,16 @@ class ModelConfig(_Section):
     # Auxiliary outputs at the decoder's coarser levels whose losses join the main one in training
     # (nnU-Net's default; segmenter.models.deep_supervision). The U-Nets and medpatchnet only.
     deep_supervision: bool = False
+    # 3D only: the network is also given where each voxel of its patch lies in the volume, at every level
+    # (MedPatchNet's position-conditioned convolutions; segmenter.models.positions). The U-Nets and medpatchnet.
+    position_conditioning: bool = False
 
     @model_validator(mode="after")
-    def _deep_supervision_needs_a_decoder_of_levels(self) -> "ModelConfig":
-        if self.deep_supervision and self.architecture in ("mobilenetv2_unet", "deeplabv3plus"):
-            raise ValueError(f"deep_supervision is for unet, attention_unet, residual_unet and medpatchnet, "
-                             f"not {self.architecture}")
+    def _options_of_the_encoder_decoders(self) -> "ModelConfig":
+        for option in ("deep_supervision", "position_conditioning"):
+            if getattr(self, option) and self.architecture in ("mobilenetv2_unet", "deeplabv3plus"):
+                raise ValueError(f"{option} is for unet, attention_unet, residual_unet and medpatchnet, "
+                                 f"not {self.architecture}")
         return self
 
 
@@ -335,6 +347,9 @@ class Config(_Section):
                                  f"keras.applications network); for preload.spatial_dims 3 use unet, "
                                  f"residual_unet, attention_unet or medpatchnet")
             return self  # the 3D patch size is checked against the depth when it is planned
+        if model.position_conditioning:
+            raise ValueError("train.model.position_conditioning needs preload.spatial_dims 3: it tells a model "
+                             "trained on patches where they lie in their volume (a 2D model sees whole slices)")
         # DeepLabV3+ always down-samples 16 times; the U-Nets once per level.
         depth = DEFAULT_DEPTH if model.depth is None else model.depth
         factor = 16 if model.architecture == "deeplabv3plus" else 2 ** depth

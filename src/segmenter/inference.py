@@ -27,6 +27,7 @@ from segmenter.config import Config, ConfigError, NormalizationConfig, PredictCo
 from segmenter.errors import InputError
 from segmenter.io.writers import output_suffix
 from segmenter.manifest import check_classes, read_manifest
+from segmenter.positions import input_channels
 from segmenter.preprocessing import prepare_image
 
 
@@ -83,11 +84,17 @@ def trained_models(config: Config):
             raise ConfigError(f"{model_path}: the model has {outputs} output channels but the config names "
                               f"{len(config.classes)} classes {config.classes}; run the train stage again")
         consistency.check_model_input(model.input_shape, preprocessing["image_size"],
-                                      len(preprocessing.get("channels", ["image"])), model_path,
-                                      layout.preprocessing_path(folder))
+                                      model_input_channels(model, len(preprocessing.get("channels", ["image"]))),
+                                      model_path, layout.preprocessing_path(folder))
         models.append(model)
     paths = [layout.model_path(folder) for folder in folders]
     return (models[0] if len(models) == 1 else ModelEnsemble(models)), preprocessing, paths
+
+
+def model_input_channels(model, num_channels: int) -> int:
+    """The input channels ``model`` should have for images of ``num_channels``: 3 more for a position-conditioned
+    model (the positions of its patches, :mod:`segmenter.positions`)."""
+    return input_channels(num_channels, segmenter.models.takes_positions(model))
 
 
 def load_trained_model(config: Config) -> tuple[keras.Model, dict]:
@@ -163,8 +170,9 @@ def predict_test_set(config: Config) -> PredictResult:
     for folder in model_dirs(config):
         consistency.check_model_data(read_json(layout.preprocessing_path(folder)), manifest, folder,
                                      config.preloaded_dir)
-    consistency.check_model_input(model.input_shape, manifest.sample_size, len(manifest.channels),
-                                  model_files[0], f"the preloaded dataset {config.preloaded_dir}")
+    consistency.check_model_input(model.input_shape, manifest.sample_size,
+                                  model_input_channels(model, len(manifest.channels)), model_files[0],
+                                  f"the preloaded dataset {config.preloaded_dir}")
     for case in manifest.test.cases:  # the manifest's ids and suffixes become file names in predict/test
         layout.safe_name(case.id + case.output_suffix, "test case file name",
                          layout.manifest_path(config.preloaded_dir))
@@ -281,12 +289,14 @@ def predict_volume(model, array: np.ndarray, spacing, normalizations, preprocess
 
 def predict_prepared_volume(model, volume: np.ndarray, patch_size, num_classes: int, batch_size: int,
                             options: PredictConfig):
-    """(labels, float16 probabilities) of a volume prepared as the training volumes were, by sliding window."""
+    """(labels, float16 probabilities) of a volume prepared as the training volumes were, by sliding window (with
+    the tiles' positions for a position-conditioned model)."""
     from segmenter.sliding_window import sliding_window_predict
 
     return sliding_window_predict(lambda batch: model.predict_on_batch(batch), volume, patch_size,
                                   num_classes=num_classes, overlap=options.overlap, batch_size=batch_size,
-                                  mirror_axes=(0, 1, 2) if mirroring_on(options) else (), return_probabilities=True)
+                                  mirror_axes=(0, 1, 2) if mirroring_on(options) else (), return_probabilities=True,
+                                  position_channels=segmenter.models.takes_positions(model))
 
 
 def labels_at_size(probabilities: np.ndarray, shape: Optional[tuple]) -> np.ndarray:

@@ -94,6 +94,11 @@ class VolumePlan(_Model):
     crop_to_nonzero: bool
     #: Per channel: foreground intensity statistics over the training set (nnunet_ct normalisation), else None.
     intensity_statistics: list[Optional[dict[str, float]]]
+    #: The resampling (preload's settings of the same names). The defaults are those of plans written before
+    #: they existed, so that a model trained then still has its volumes prepared as they were.
+    image_interpolation: Literal["cubic", "linear"] = "cubic"
+    label_interpolation: Literal["linear", "nearest"] = "linear"
+    anisotropy_threshold: Optional[float] = None
 
 
 class TrainSplit(_Model):

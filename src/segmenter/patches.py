@@ -12,7 +12,9 @@ How it follows nnU-Net (``nnunetv2`` data loader and ``get_training_transforms``
 * Foreground oversampling: a share ``foreground_fraction`` of the patches is centred on a foreground voxel
   (see :func:`foreground_flags`, which hands that share out exactly, round robin). Such a patch draws one
   class uniformly among the foreground classes the volume holds, then a voxel of that class uniformly, so a
-  small structure is seen as often as a large one. The other patches (and forced ones of a volume without
+  small structure is seen as often as a large one. The voxels come from the volume's class locations when
+  given (:func:`segmenter.volumes.class_locations`, stored by preload as nnU-Net stores its
+  ``class_locations``: no pass over the whole volume per patch), else from a search of the label map. The other patches (and forced ones of a volume without
   foreground) lie uniformly at random inside the volume. On an axis where the volume is smaller than the
   patch, the volume sits in the middle of the patch, padded on both sides (an odd voxel of padding goes
   before it, as with nnU-Net's ``-need_to_pad // 2``). Like nnU-Net the patch is kept inside the volume
@@ -31,6 +33,10 @@ How it follows nnU-Net (``nnunetv2`` data loader and ``get_training_transforms``
   separable, per channel), brightness (multiplicative), contrast (about each channel's mean, clipped to its
   previous range) and gamma (each channel rescaled to [0, 1] by its range, raised to gamma, scaled back).
 * Mirroring last: each axis of ``mirror_axes`` reversed with probability 0.5, image and labels alike.
+* With ``positions`` the patch gets three more channels after the intensity augmentation, before mirroring:
+  where in the volume each of its voxels was taken from (:mod:`segmenter.positions`), for
+  position-conditioned models. A resampled patch carries the (rotated, scaled, deformed) coordinates it
+  was interpolated at.
 
 Not taken from nnU-Net: its low-resolution simulation, the inverted-image gamma and its ``retain_stats``
 (gamma keeps mean and standard deviation), the per-channel independent draws, and its 2D-only rotation for
@@ -50,6 +56,7 @@ import numpy as np
 import tensorflow as tf
 
 from segmenter.config import VolumeAugmentationConfig
+from segmenter.positions import NUM_CHANNELS as NUM_POSITION_CHANNELS
 
 # Fixed roles of the sub-seeds split from the per-patch seed (never reorder: it would change every patch).
 _SEED_NAMES = (
@@ -59,7 +66,7 @@ _SEED_NAMES = (
     "contrast_on", "contrast", "gamma_on", "gamma", "mirror",
 )
 
-PatchSampler = Callable[[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
+PatchSampler = Callable[..., tuple[tf.Tensor, tf.Tensor]]
 
 
 def foreground_flags(count: int, fraction: float) -> np.ndarray:
@@ -152,7 +159,8 @@ def _nearest(labels: tf.Tensor, coords: tf.Tensor) -> tf.Tensor:
     return tf.where(inside, values, tf.zeros_like(values))
 
 
-def _patch_start(labels: tf.Tensor, patch: tf.Tensor, seeds: dict, foreground: tf.Tensor) -> tf.Tensor:
+def _patch_start(labels: tf.Tensor, patch: tf.Tensor, seeds: dict, foreground: tf.Tensor,
+                 locations: Optional[tf.Tensor] = None, counts: Optional[tf.Tensor] = None) -> tf.Tensor:
     """The volume index (int32 [3]) of the patch's first voxel; negative or past the end means padding."""
     shape = tf.shape(labels)
     # Where the volume is at least as large as the patch, the patch stays inside it: start in [0, size -
@@ -161,16 +169,21 @@ def _patch_start(labels: tf.Tensor, patch: tf.Tensor, seeds: dict, foreground: t
     low = tf.where(shape >= patch, 0, centred)
     high = tf.where(shape >= patch, shape - patch, centred)
 
-    counts = tf.math.bincount(tf.reshape(labels, [-1]), minlength=2)
-    classes = tf.cast(tf.where(counts[1:] > 0)[:, 0] + 1, tf.int32)  # foreground classes present
+    if counts is None:
+        counts = tf.math.bincount(tf.reshape(labels, [-1]), minlength=2)[1:]
+    classes = tf.cast(tf.where(counts > 0)[:, 0] + 1, tf.int32)  # foreground classes present
     use_foreground = tf.logical_and(foreground, tf.size(classes) > 0)
 
     def on_foreground():
         number = tf.cast(tf.maximum(tf.size(classes), 1), tf.int64)
         chosen = tf.gather(classes, tf.random.stateless_uniform((), seeds["class"], 0, number, dtype=tf.int64))
-        voxels = tf.where(tf.equal(labels, chosen))  # int64 (M, 3)
+        if locations is None:
+            voxels = tf.cast(tf.where(tf.equal(labels, chosen)), tf.int32)  # (M, 3), in C order
+        else:  # the chosen class's stored voxels, also in C order: the same draw picks the same voxel
+            ends = tf.cumsum(tf.cast(counts, tf.int32))
+            voxels = locations[ends[chosen - 1] - counts[chosen - 1]:ends[chosen - 1]]
         count = tf.maximum(tf.shape(voxels, out_type=tf.int64)[0], 1)
-        voxel = tf.cast(voxels[tf.random.stateless_uniform((), seeds["voxel"], 0, count, dtype=tf.int64)], tf.int32)
+        voxel = voxels[tf.random.stateless_uniform((), seeds["voxel"], 0, count, dtype=tf.int64)]
         return tf.clip_by_value(voxel - patch // 2, low, high)
 
     def anywhere():
@@ -195,16 +208,32 @@ def _crop(volume: tf.Tensor, start: tf.Tensor, patch: tf.Tensor) -> tf.Tensor:
     return tf.pad(piece, paddings)
 
 
-def make_patch_sampler(patch_size: tuple[int, int, int],
-                       augmentation: Optional[VolumeAugmentationConfig]) -> PatchSampler:
-    """Return ``sample(image, labels, seed, foreground) -> (image_patch, label_patch)``.
+def _positions(coords: tf.Tensor, volume_shape: tf.Tensor) -> tf.Tensor:
+    """The position channels (:mod:`segmenter.positions`'s formula) of voxel coordinates ``coords`` (..., 3)
+    in a volume of ``volume_shape`` (int32 [3])."""
+    scale = 2.0 / tf.maximum(tf.cast(volume_shape, tf.float32) - 1.0, 1.0)
+    return coords * scale - 1.0
+
+
+def _grid(start: tf.Tensor, patch_size: tuple[int, int, int]) -> tf.Tensor:
+    """float32 (*patch_size, 3): the volume coordinates of the voxels of the plain crop at ``start``."""
+    axes = [tf.range(size, dtype=tf.float32) + tf.cast(start[axis], tf.float32) for axis, size in enumerate(patch_size)]
+    return tf.stack(tf.meshgrid(*axes, indexing="ij"), axis=-1)
+
+
+def make_patch_sampler(patch_size: tuple[int, int, int], augmentation: Optional[VolumeAugmentationConfig],
+                       positions: bool = False) -> PatchSampler:
+    """Return ``sample(image, labels, seed, foreground, locations=None, counts=None) -> (image_patch, label_patch)``.
 
     ``image``: float32 (D, H, W, C) of any size (it may be smaller than the patch on any axis); ``labels``:
     int32 (D, H, W) label map, 0 the background, no negative values; ``seed``: int64 [2], the patch's
     stateless seed; ``foreground``: bool scalar, whether to centre the patch on a foreground voxel (see
-    :func:`foreground_flags`). The result is float32 (*patch_size, C) and int32 (*patch_size), with static
+    :func:`foreground_flags`); ``locations`` int32 (M, 3) and ``counts`` int32 (K - 1,): the volume's class
+    locations (:func:`segmenter.volumes.class_locations`), or None to search the label map for the chosen
+    class. The result is float32 (*patch_size, C) and int32 (*patch_size), with static
     shapes (C static when the image's channel dimension is) so that batching never retraces.
-    ``augmentation`` None: no augmentation, only placing, cropping and padding the patch.
+    ``augmentation`` None: no augmentation, only placing, cropping and padding the patch. ``positions``: the
+    image patch has ``positions.NUM_CHANNELS`` more channels, the voxels' places in the volume (C + 3 in all).
     """
     patch_size = tuple(int(size) for size in patch_size)
     if len(patch_size) != 3 or min(patch_size) < 1:
@@ -246,7 +275,7 @@ def make_patch_sampler(patch_size: tuple[int, int, int],
         coords = coords + centre
         image_patch = tf.reshape(_trilinear(image, coords), [*patch_size, tf.shape(image)[-1]])
         label_patch = tf.reshape(_nearest(labels, coords), patch_size)
-        return image_patch, label_patch
+        return image_patch, label_patch, tf.reshape(coords, [*patch_size, 3])
 
     def intensity(image, seeds):
         if aug.noise_probability > 0 and aug.noise_std > 0:
@@ -286,38 +315,46 @@ def make_patch_sampler(patch_size: tuple[int, int, int],
             image = tf.cond(_happens(seeds["gamma_on"], aug.gamma_probability), gamma_corrected, lambda: image)
         return image
 
-    def sample(image, labels, seed, foreground):
+    def sample(image, labels, seed, foreground, locations=None, counts=None):
         image = tf.convert_to_tensor(image, tf.float32)
         labels = tf.convert_to_tensor(labels, tf.int32)
         seed = tf.cast(seed, tf.int64)
         foreground = tf.convert_to_tensor(foreground, tf.bool)
+        if counts is not None:
+            locations = tf.convert_to_tensor(locations, tf.int32)
+            counts = tf.convert_to_tensor(counts, tf.int32)
         seeds = dict(zip(_SEED_NAMES, tf.unstack(tf.random.experimental.stateless_split(seed, len(_SEED_NAMES)))))
         patch = tf.constant(patch_size, tf.int32)
-        start = _patch_start(labels, patch, seeds, foreground)
+        start = _patch_start(labels, patch, seeds, foreground, locations, counts)
 
         def plain():
-            return _crop(image, start, patch), _crop(labels, start, patch)
+            # The grid is made only where the positions are used (a constant stands in for it otherwise).
+            grid = _grid(start, patch_size) if positions else tf.zeros([*patch_size, 3])
+            return _crop(image, start, patch), _crop(labels, start, patch), grid
 
         if rotation or scaling or elastic:
             false = tf.constant(False)
             rotate = _happens(seeds["rotation_on"], aug.rotation_probability) if rotation else false
             scale = _happens(seeds["scale_on"], aug.scale_probability) if scaling else false
             deform = _happens(seeds["elastic_on"], aug.elastic_probability) if elastic else false
-            image_patch, label_patch = tf.cond(
+            image_patch, label_patch, coords = tf.cond(
                 rotate | scale | deform,
                 lambda: resample(image, labels, start, seeds, rotate, scale, deform), plain)
         else:
-            image_patch, label_patch = plain()
+            image_patch, label_patch, coords = plain()
         if aug is not None:
             image_patch = intensity(image_patch, seeds)
-            if aug.mirror_axes:
-                flips = tf.random.stateless_uniform([3], seeds["mirror"]) < 0.5
-                for axis in aug.mirror_axes:
-                    image_patch, label_patch = tf.cond(
-                        flips[axis],
-                        lambda: (tf.reverse(image_patch, [axis]), tf.reverse(label_patch, [axis])),
-                        lambda: (image_patch, label_patch))
-        image_patch = tf.ensure_shape(image_patch, (*patch_size, image.shape[-1]))
+        if positions:
+            image_patch = tf.concat([image_patch, _positions(coords, tf.shape(labels))], axis=-1)
+        if aug is not None and aug.mirror_axes:
+            flips = tf.random.stateless_uniform([3], seeds["mirror"]) < 0.5
+            for axis in aug.mirror_axes:
+                image_patch, label_patch = tf.cond(
+                    flips[axis],
+                    lambda: (tf.reverse(image_patch, [axis]), tf.reverse(label_patch, [axis])),
+                    lambda: (image_patch, label_patch))
+        channels = None if image.shape[-1] is None else image.shape[-1] + (NUM_POSITION_CHANNELS if positions else 0)
+        image_patch = tf.ensure_shape(image_patch, (*patch_size, channels))
         label_patch = tf.ensure_shape(label_patch, patch_size)
         return image_patch, label_patch
 

@@ -16,6 +16,9 @@ The tiling follows nnU-Net (Isensee et al., nnU-Net v2 ``sliding_window_predicti
   voxels near a patch's centre count more than voxels near its border.
 * Optional mirroring test-time augmentation: every combination of flips over ``mirror_axes`` is
   predicted, flipped back and averaged before the Gaussian weighting.
+* ``position_channels`` (position-conditioned models): each tile gets one more channel per spatial axis,
+  where its voxels lie in the unpadded volume (:mod:`segmenter.positions`), computed per tile, never for
+  the whole volume.
 
 Memory. For a (padded) volume of ``V = D*H*W`` voxels, ``C`` input channels and ``K`` classes the
 persistent buffers are::
@@ -47,6 +50,8 @@ import math
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
+
+from segmenter.positions import position_channels as tile_positions
 
 __all__ = [
     "compute_steps",
@@ -184,7 +189,7 @@ def sliding_window_predict(predict_batch: PredictBatch, volume: np.ndarray, patc
                            num_classes: int, overlap: float = 0.5, sigma_scale: float = 1.0 / 8,
                            batch_size: int = 2, mirror_axes: Sequence[int] = (),
                            accumulate: str = "float16", return_probabilities: bool = False,
-                           progress: Callable[[int, int], None] | None = None):
+                           position_channels: bool = False, progress: Callable[[int, int], None] | None = None):
     """Predict a whole volume patch by patch and blend the patches with Gaussian weights.
 
     Args:
@@ -202,6 +207,8 @@ def sliding_window_predict(predict_batch: PredictBatch, volume: np.ndarray, patc
         accumulate: "float16" (default) or "float32", the dtype of the (``*spatial``, K) accumulator.
         return_probabilities: also return the blended probabilities, shape ``(*spatial, K)``, in the
             accumulator's dtype (not copied to float32, to keep memory bounded).
+        position_channels: give ``predict_batch`` one more channel per spatial axis after the volume's C,
+            the tile's voxel positions in the volume (:mod:`segmenter.positions`).
         progress: optional ``progress(done_patches, total_patches)`` callback after each batch.
 
     Returns:
@@ -246,12 +253,17 @@ def sliding_window_predict(predict_batch: PredictBatch, volume: np.ndarray, patc
     total = len(slices)
     ratio = np.empty(patch_size, dtype=np.float32)
     delta = np.empty(patch_size + (num_classes,), dtype=np.float32)
-    batch_buffer = np.empty((min(batch_size, total),) + patch_size + (volume.shape[-1],), dtype=np.float32)
+    channels = volume.shape[-1]
+    extra = spatial_ndim if position_channels else 0
+    batch_buffer = np.empty((min(batch_size, total),) + patch_size + (channels + extra,), dtype=np.float32)
     for start in range(0, total, batch_size):
         batch_slices = slices[start:start + batch_size]
         n = len(batch_slices)
         for i, sl in enumerate(batch_slices):
-            batch_buffer[i] = volume[sl]
+            batch_buffer[i, ..., :channels] = volume[sl]
+            if position_channels:  # the tile's start in the unpadded volume: before it where padding was added
+                starts = [s.start - before for s, (before, _) in zip(sl, pad)]
+                batch_buffer[i, ..., channels:] = tile_positions(starts, patch_size, original_shape)
         batch = batch_buffer[:n]
         predictions = _predict_with_mirroring(predict_batch, batch, combos, num_classes)
         for i, sl in enumerate(batch_slices):

@@ -58,6 +58,7 @@ from segmenter.config import (DEFAULT_BATCH_SIZE, DEFAULT_DEPTH, AugmentationCon
 from segmenter.data_pipeline import batch_for_training, epochs_dataset, samples_dataset
 from segmenter.errors import InputError
 from segmenter.manifest import check_classes, read_manifest
+from segmenter.positions import input_channels
 
 OBJECTIVE = "mean_foreground_dice"
 
@@ -876,7 +877,8 @@ def _train_final_model(config: Config, strategy, writes_to: Config, resume: bool
     validating = validation_indices is not None
     monitor, mode = (f"val_{OBJECTIVE}", "max") if validating else ("loss", "min")
     keep = train_settings.keep or ("best" if validating else "last")
-    input_shape = (*manifest.sample_size, len(manifest.channels))
+    input_shape = (*manifest.sample_size, input_channels(len(manifest.channels),
+                                                   train_settings.model.position_conditioning))
 
     initial_epoch, spent_s, best = 0, 0.0, None
     state = None
@@ -987,8 +989,11 @@ def _train_final_model(config: Config, strategy, writes_to: Config, resume: bool
         save_resolved_config(config, bundle)
         write_json_atomic({"source": source, "settings": train_settings.model_dump(mode="json")},
                           bundle / layout.HYPERPARAMETERS)
-        # What inference needs to prepare new images exactly as the training slices were prepared.
-        write_json_atomic(manifest.inference_preprocessing(), bundle / layout.PREPROCESSING)
+        # What inference needs to prepare new images exactly as the training slices were prepared, and
+        # whether the model also takes the positions of its patches (the model file says so too).
+        write_json_atomic({**manifest.inference_preprocessing(),
+                           "position_channels": train_settings.model.position_conditioning},
+                          bundle / layout.PREPROCESSING)
         if keep == "best" and (best_dir / layout.MODEL).is_file():
             shutil.copyfile(best_dir / layout.MODEL, bundle / layout.MODEL)
             print(f"model.keras: the best epoch, {checkpoint.best['epoch']} ({monitor} "

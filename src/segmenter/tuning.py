@@ -41,6 +41,7 @@ from segmenter.config import AugmentationConfig, Config, ConfigError, ModelConfi
 from segmenter.data_pipeline import AUTOTUNE, batch_for_training, make_dataset
 from segmenter.dataset import SliceSet, load_training_samples
 from segmenter.manifest import check_classes, read_manifest
+from segmenter.positions import input_channels
 from segmenter.preprocessing import split_train_test
 from segmenter.preprocessing.split import grouped_folds
 from segmenter.training import OBJECTIVE, TimeBudget, apply_hyperparameters, build_compiled_model, planned_settings
@@ -162,6 +163,9 @@ def validate_search_space(config: Config) -> dict[str, Any]:
                 apply_hyperparameters(config.train, {name: value})
             except ValidationError as error:
                 raise ConfigError(f"{where}: {value!r}: {error.errors()[0]['msg']}") from None
+    if config.preload.spatial_dims == 2 and any(_spec_values(space.get("position_conditioning", False))):
+        raise ConfigError("tune.search_space.position_conditioning: for preload.spatial_dims 3 only (positions of "
+                          "patches in their volumes)")
     if WINDOW in space:
         if config.preload.spatial_dims == 3:
             raise ConfigError(f"tune.search_space.{WINDOW}: searched for 2D slices only; for 3D give the window in "
@@ -259,10 +263,10 @@ def windowed_dataset(slices: SliceSet, window: tuple[float, float], num_classes:
 class SegmentationHyperModel(kt.HyperModel):
     """Builds a compiled model and its (possibly augmented) input pipeline from one trial's values."""
 
-    def __init__(self, config: Config, input_shape, folds: list[tuple[np.ndarray, np.ndarray]]):
+    def __init__(self, config: Config, image_shape, folds: list[tuple[np.ndarray, np.ndarray]]):
         super().__init__(name="segmentation")
         self.config = config
-        self.input_shape = input_shape
+        self.image_shape = image_shape  # of the samples; a position-conditioned trial's model takes 3 channels more
         self.folds = folds
         self.space = search_space(config)
         self._train_slices: Optional[SliceSet] = None
@@ -277,7 +281,9 @@ class SegmentationHyperModel(kt.HyperModel):
     def build(self, hp):
         settings = self._settings(hp)
         try:
-            return build_compiled_model(settings, self.input_shape, self.config.classes)
+            input_shape = (*self.image_shape[:-1],
+                           input_channels(self.image_shape[-1], settings.model.position_conditioning))
+            return build_compiled_model(settings, input_shape, self.config.classes)
         except ValueError as error:
             # A combination the architecture cannot build (e.g. depth too large for the image size):
             # fail this trial without retrying it, and go on with the search.
@@ -563,8 +569,7 @@ def run_search(config: Config, overwrite: bool = False) -> Union[TuneResult, Wor
         parts = [{"train": [samples[i].id for i in train], "validation": [samples[i].id for i in validation]}
                  for train, validation in folds]
         write_json_atomic(parts[0] if len(parts) == 1 else {"folds": parts}, out_dir / layout.VALIDATION_SPLIT)
-    input_shape = (*manifest.sample_size, len(manifest.channels))
-    hypermodel = SegmentationHyperModel(config, input_shape, folds)
+    hypermodel = SegmentationHyperModel(config, (*manifest.sample_size, len(manifest.channels)), folds)
     tuner = make_tuner(config, hypermodel, out_dir, overwrite=False)
     if role != "worker" and tuner.oracle.trials:
         finished = sum(t.status != kt.engine.trial.TrialStatus.RUNNING for t in tuner.oracle.trials.values())

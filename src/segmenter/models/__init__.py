@@ -8,6 +8,7 @@ from segmenter.models.factory import (
 )
 from segmenter.models.deep_supervision import inference_model
 from segmenter.models.folding import fold_batch_normalization
+from segmenter.models.positions import takes_positions
 
 __all__ = [
     "ARCHITECTURES",
@@ -17,4 +18,5 @@ __all__ = [
     "fold_batch_normalization",
     "inference_model",
     "set_encoder_trainable",
+    "takes_positions",
 ]

@@ -16,9 +16,10 @@ up-samples (``upsampling``), joins the encoder's skip connection and refines, an
 head. Each level is two ESP blocks: the first changes the channel count, the second keeps it and so has
 the residual connection (ESPNet's down-sampling block followed by its residual ESP blocks).
 
-Not implemented: MedPatchNet's position-conditioned convolutions (convolutions told where the patch
-lies in the whole image or volume) are left out; the model sees only the patch's pixels, like the
-U-Nets. The model is built from built-in Keras layers only, so saved ``.keras`` files load in safe mode.
+MedPatchNet's position-conditioned convolutions (convolutions told where the patch lies in the whole
+volume) are the ``position_conditioning`` option of the encoder-decoder (:mod:`segmenter.models.positions`),
+so the U-Nets can have them too. The model is built from built-in Keras layers (and, with that option, the
+registered position split), so saved ``.keras`` files load in safe mode.
 """
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ block each level is made of and in whether an attention gate filters the skip co
 Each builds a 2D model for an ``input_shape`` of (height, width, channels) and a 3D model (3D
 convolutions, pooling and up-sampling, as in Çiçek et al. 2016's 3D U-Net) for (depth, height, width,
 channels); the blocks pick their layers from the rank of the tensors, so layer names are the same in both.
-With ``deep_supervision`` the decoder's coarser levels get auxiliary outputs (models.deep_supervision).
+With ``deep_supervision`` the decoder's coarser levels get auxiliary outputs (models.deep_supervision);
+with ``position_conditioning`` every block's input also gets the voxels' positions (models.positions).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import keras
 from keras import layers
 
 from segmenter.config import ModelConfig
-from segmenter.models import blocks, deep_supervision
+from segmenter.models import blocks, deep_supervision, positions
 
 
 def unet(input_shape: tuple[int, ...], num_classes: int, settings: ModelConfig) -> keras.Model:
@@ -43,19 +44,28 @@ def encoder_decoder(input_shape, num_classes: int, settings: ModelConfig, *, blo
 
     inputs = blocks.input_layer(input_shape)
     x = inputs
+    where = None  # the positions at each level's resolution, for a position-conditioned model
+    if settings.position_conditioning:
+        x, at_full_resolution = positions.split(inputs, input_shape)
+        where = positions.pyramid(at_full_resolution, depth)
+
+    def conditioned(x, level: int, name: str):
+        """``x`` with the positions at its level joined, where the model is conditioned on them."""
+        return x if where is None else layers.Concatenate(name=f"{name}_positions")([x, where[level]])
 
     # Encoder: each level keeps its output for the skip connection, then halves the resolution.
     # Layer names start with "encoder" so that set_encoder_trainable can freeze them.
     skips = []
     for level in range(depth):
-        x = block(x, base_filters * 2**level, normalization, name=f"encoder_{level}")
+        x = block(conditioned(x, level, f"encoder_{level}"), base_filters * 2**level, normalization,
+                  name=f"encoder_{level}")
         # As in the original U-Net, dropout acts only at the deepest levels, where the most filters are.
         if level == depth - 1:
             x = blocks.maybe_dropout(x, settings.dropout, name=f"encoder_{level}_dropout")
         skips.append(x)
         x = blocks.max_pool(x, name=f"encoder_{level}_pool")
 
-    x = block(x, base_filters * 2**depth, normalization, name="bottleneck")
+    x = block(conditioned(x, depth, "bottleneck"), base_filters * 2**depth, normalization, name="bottleneck")
     x = blocks.maybe_dropout(x, settings.dropout, name="bottleneck_dropout")
 
     # Decoder: double the resolution, join the skip connection of the same level, refine.
@@ -67,7 +77,7 @@ def encoder_decoder(input_shape, num_classes: int, settings: ModelConfig, *, blo
         skip = skips[level]
         if attention:
             skip = blocks.attention_gate(skip, x, max(filters // 2, 1), name=f"decoder_{level}_attention")
-        x = layers.Concatenate(name=f"decoder_{level}_concat")([x, skip])
+        x = layers.Concatenate(name=f"decoder_{level}_concat")([x, skip] + ([] if where is None else [where[level]]))
         x = block(x, filters, normalization, name=f"decoder_{level}")
         if level in supervised:
             auxiliary[level] = blocks.classifier(x, num_classes, prefix=f"deep_supervision_{level}_")

@@ -40,7 +40,8 @@ def digest_job(path: str):
 
 
 #: Preload settings that only 3D datasets (spatial_dims 3) use.
-THREE_D_SETTINGS = ("spatial_dims", "target_spacing", "patch_size", "crop_to_nonzero", "plan_memory_mb")
+THREE_D_SETTINGS = ("spatial_dims", "target_spacing", "patch_size", "crop_to_nonzero", "plan_memory_mb",
+                    "image_interpolation", "label_interpolation", "anisotropy_threshold")
 
 
 def fingerprint(config: Config, source_hashes: dict) -> str:

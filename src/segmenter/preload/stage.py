@@ -190,7 +190,9 @@ def plan_volumes(config: Config, train_cases: list, workers: Workers, tmp_dir: P
     return VolumePlan(target_spacing=list(target), median_shape=list(median_shape),
                       patch_size=list(plan.patch_size), batch_size=plan.batch_size, depth=plan.depth,
                       estimated_mb=round(float(plan.estimated_mb), 1), crop_to_nonzero=settings.crop_to_nonzero,
-                      intensity_statistics=statistics)
+                      intensity_statistics=statistics, image_interpolation=settings.image_interpolation,
+                      label_interpolation=settings.label_interpolation,
+                      anisotropy_threshold=settings.anisotropy_threshold)
 
 
 @contextlib.contextmanager

@@ -27,8 +27,13 @@ they are), and new voxel ``j``'s centre lies at old index ``(j + 0.5) * old / ne
 :func:`resampled_affine` is that map. ``mode="nearest"`` extends the border voxels outwards for the
 interpolation near the faces; a zero (``"grid-constant"``) border would darken the outermost voxels.
 
-nnU-Net resamples strongly anisotropic volumes (z spacing over three times the in-plane spacing) in-plane
-with ``order=3`` and along z with nearest neighbours; this module interpolates all axes alike.
+Strongly anisotropic volumes (one axis's spacing more than ``anisotropy_threshold`` times the finest, 3 by
+default: thick slices) are resampled as nnU-Net does (``get_do_separate_z``, ``order_z=0``): in-plane
+with the usual interpolation, slice by slice, then along the coarse axis with nearest neighbours. Splines
+across slices 3-10 mm apart invent intensities and smear structures between slices that may not
+continue; whole slices repeated or dropped do not. :func:`separate_axis` decides, from the volume's
+spacing first and the target's second, as nnU-Net does; :func:`resample_image` and
+:func:`resample_labels` take its answer.
 """
 from __future__ import annotations
 
@@ -48,6 +53,7 @@ __all__ = [
     "resample_probabilities",
     "resampled_affine",
     "resampled_shape",
+    "separate_axis",
     "uncrop",
 ]
 
@@ -69,6 +75,25 @@ def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target_spaci
                  for n, s, t in zip(shape, spacing, target_spacing))
 
 
+def separate_axis(spacing: Sequence[float], target_spacing: Sequence[float],
+                  anisotropy_threshold: Optional[float]) -> Optional[int]:
+    """The axis to resample on its own with nearest neighbours, or None to interpolate all axes alike.
+
+    As nnU-Net: the volume's spacing is anisotropic when its largest value is more than
+    ``anisotropy_threshold`` times its smallest; then its coarsest axis is the one, else the target
+    spacing's when that is anisotropic. No axis when two axes tie for the coarsest (nnU-Net's rule: no single
+    slice direction), or when ``anisotropy_threshold`` is None.
+    """
+    if anisotropy_threshold is None:
+        return None
+    for candidate in (spacing, target_spacing):
+        values = np.asarray(candidate, dtype=np.float64)
+        if values.max() / values.min() > anisotropy_threshold:
+            coarsest = np.flatnonzero(values == values.max())
+            return int(coarsest[0]) if len(coarsest) == 1 else None
+    return None
+
+
 def _check_shape(new_shape: Sequence[int]) -> tuple[int, ...]:
     new_shape = tuple(int(n) for n in new_shape)
     if any(n < 1 for n in new_shape):
@@ -76,8 +101,14 @@ def _check_shape(new_shape: Sequence[int]) -> tuple[int, ...]:
     return new_shape
 
 
-def _zoom(array: np.ndarray, new_shape: tuple[int, ...], order: int) -> np.ndarray:
-    """``array`` (exactly ``len(new_shape)`` axes) zoomed onto ``new_shape`` on the grid-mode grid."""
+def _zoom(array: np.ndarray, new_shape: tuple[int, ...], order: int, separate: Optional[int] = None) -> np.ndarray:
+    """``array`` (exactly ``len(new_shape)`` axes) zoomed onto ``new_shape`` on the grid-mode grid; with
+    ``separate``, that axis afterwards and on its own, with nearest neighbours."""
+    if separate is not None and new_shape[separate] != array.shape[separate]:
+        in_plane = tuple(array.shape[axis] if axis == separate else size for axis, size in enumerate(new_shape))
+        return _zoom(_zoom(array, in_plane, order), new_shape, order=0)
+    if tuple(array.shape) == new_shape:
+        return array
     # zoom derives the output shape as round(shape * factor) and, with grid_mode, the coordinate map from
     # the two shapes, so the factor need not be exact: new / old rounds back to new_shape.
     factors = [new / old for new, old in zip(new_shape, array.shape)]
@@ -96,11 +127,13 @@ def _split_channels(array: np.ndarray, new_shape: tuple[int, ...], what: str) ->
                      f"(*spatial) or (*spatial, channels) with {len(new_shape)} spatial axes")
 
 
-def resample_image(image: np.ndarray, new_shape: Sequence[int], order: int = 3) -> np.ndarray:
+def resample_image(image: np.ndarray, new_shape: Sequence[int], order: int = 3,
+                   separate: Optional[int] = None) -> np.ndarray:
     """``image`` (``(*spatial, channels)`` or ``(*spatial)``) resampled onto ``new_shape``, float32.
 
     Each channel is interpolated on its own with splines of ``order`` (3, as nnU-Net, by default; 1 is
-    linear and cheaper). When the shape does not change the image is returned as float32 without
+    linear and cheaper); along the axis ``separate`` (:func:`separate_axis`) with nearest neighbours, after
+    the others. When the shape does not change the image is returned as float32 without
     interpolation (the array itself if it already is float32). Cubic splines can overshoot slightly at
     sharp edges; intensities are not clipped (nnU-Net does not either), the normalisation follows.
     """
@@ -111,21 +144,22 @@ def resample_image(image: np.ndarray, new_shape: Sequence[int], order: int = 3) 
         return image.astype(np.float32, copy=False)
     image = image.astype(np.float32, copy=False)
     if not channels:
-        return _zoom(image, new_shape, order).astype(np.float32, copy=False)
+        return _zoom(image, new_shape, order, separate).astype(np.float32, copy=False)
     out = np.empty(new_shape + image.shape[-1:], dtype=np.float32)
     for channel in range(image.shape[-1]):
-        out[..., channel] = _zoom(image[..., channel], new_shape, order)
+        out[..., channel] = _zoom(image[..., channel], new_shape, order, separate)
     return out
 
 
 def resample_labels(labels: np.ndarray, new_shape: Sequence[int], num_classes: int,
-                    method: str = "linear") -> np.ndarray:
+                    method: str = "linear", separate: Optional[int] = None) -> np.ndarray:
     """A label map ``(*spatial)`` resampled onto ``new_shape``, uint8; only labels present in the input appear.
 
     ``method="linear"`` (nnU-Net's way): the one-hot mask of every class present is interpolated linearly
     and each voxel takes the class with the largest value (ties go to the lower label). ``"nearest"``:
-    nearest-neighbour interpolation of the labels themselves (order 0); faster, blockier. Labels must lie in
-    ``0 .. num_classes - 1``.
+    nearest-neighbour interpolation of the labels themselves (order 0); faster, blockier. Along the axis
+    ``separate`` (:func:`separate_axis`) the labels are taken from the nearest slice, after the others.
+    Labels must lie in ``0 .. num_classes - 1``.
     """
     new_shape = _check_shape(new_shape)
     labels = np.asarray(labels)
@@ -144,17 +178,20 @@ def resample_labels(labels: np.ndarray, new_shape: Sequence[int], num_classes: i
         return labels
     if method == "nearest" or present.size <= 1:
         return _zoom(labels, new_shape, order=0)
+    # Nearest slices along the separate axis, after the in-plane resampling of the one-hot masks.
+    in_plane = new_shape if separate is None else tuple(
+        labels.shape[axis] if axis == separate else size for axis, size in enumerate(new_shape))
     # The argmax is kept running class by class: one float32 volume per class at a time, not K of them.
     # Linear interpolation is a partition of unity, so the winning value is at least 1 / (classes present)
     # and an absent class (everywhere 0) could never win: only present classes are interpolated.
-    best_value = np.full(new_shape, -1.0, dtype=np.float32)
-    best_label = np.zeros(new_shape, dtype=np.uint8)
+    best_value = np.full(in_plane, -1.0, dtype=np.float32)
+    best_label = np.zeros(in_plane, dtype=np.uint8)
     for label in present:
-        value = _zoom((labels == label).astype(np.float32), new_shape, order=1)
+        value = _zoom((labels == label).astype(np.float32), in_plane, order=1)
         better = value > best_value
         best_value[better] = value[better]
         best_label[better] = label
-    return best_label
+    return _zoom(best_label, new_shape, order=0)
 
 
 def resample_probabilities(probabilities: np.ndarray, new_shape: Sequence[int]) -> np.ndarray:
