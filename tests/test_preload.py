@@ -212,12 +212,21 @@ def test_skip_invalid_skips_and_lists_bad_pairs(tmp_path):
 
 
 def test_parallel_workers_give_the_same_dataset(tmp_path):
-    data = make_png_npy_set(tmp_path / "data", count=8)
+    """Each worker appends its samples to its own scratch files: the shards and the manifest are the same as
+    when the stage's process prepares every case itself, and no scratch file is left."""
+    data = make_png_npy_set(tmp_path / "data", count=40)
     one = preload(config_for(data, tmp_path / "one"), log=lambda *_: None)
-    two = preload(config_for(data, tmp_path / "two", workers=2), log=lambda *_: None)
+    two = preload(config_for(data, tmp_path / "two", workers=2, shard_size=7), log=lambda *_: None)
     a, b = load_training_samples(one.output_dir), load_training_samples(two.output_dir)
-    assert list(a.ids) == list(b.ids)
-    np.testing.assert_array_equal(a.images, b.images)
+    for name, array in a.to_arrays().items():
+        np.testing.assert_array_equal(array, getattr(b, name), err_msg=name)
+    manifest_one, manifest_two = read_manifest(one.output_dir), read_manifest(two.output_dir)
+    assert manifest_one.train.samples == manifest_two.train.samples
+    assert manifest_one.train.cases == manifest_two.train.cases and manifest_one.test == manifest_two.test
+    assert len(manifest_two.train.shards) == 5  # 32 samples in shards of 7, written by several threads
+    for output in (one.output_dir, two.output_dir):
+        assert sorted(path.name for path in output.iterdir()) == sorted(
+            ["manifest.json", "test", *read_manifest(output).train.shards])
 
 
 @pytest.mark.parametrize("workers", [1, 2])

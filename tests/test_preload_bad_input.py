@@ -191,6 +191,46 @@ def test_skip_invalid_skips_the_bad_pairs_lists_them_and_succeeds(tmp_path):
     assert kept == 10
 
 
+# Integer CSV files are parsed by np.fromstring (segmenter.io.tabular), which is lenient; whatever it
+# cannot vouch for must go on to np.loadtxt and the reading cell by cell, and read as it did before.
+CSV_FILES = [
+    ("10,-20\n30,40\n", "int64", [[10, -20], [30, 40]]),
+    ("10,-20\n30,40", "int64", [[10, -20], [30, 40]]),
+    ("10;-20\n30;40\n", "int64", [[10, -20], [30, 40]]),
+    ("1,2\n3,4\n", "uint8", [[1, 2], [3, 4]]),
+    ("-0,10\n", "int64", [[0, 10]]),
+    (" 10,20\n30,40\n", "int64", [[10, 20], [30, 40]]),
+    ("+10,20\n", "int64", [[10, 20]]),
+    ("10,20\r\n30,40\r\n", "int64", [[10, 20], [30, 40]]),
+    ("10,20\n\n30,40\n", "int64", [[10, 20], [30, 40]]),
+    ("10\t20\n30\t40\n", "int64", [[10, 20], [30, 40]]),
+    ("10,9223372036854775806,20\n", "int64", [[10, 9223372036854775806, 20]]),  # the line-end mark's value
+    ("9223372036854775808,10\n", "float64", [[9223372036854775808.0, 10.0]]),  # beyond int64
+    ("10,-,20\n", "error", "CSV file has a header row but no data rows"),
+    ("10,20,\n30,40,\n", "error", "line 2, column 3: '' is not a number"),
+    ("10,,20\n", "error", "CSV file has a header row but no data rows"),
+    ("10,20-30\n", "error", "CSV file has a header row but no data rows"),
+    ("10,20\n30\n40,50,60\n", "error", "line 2 has 1 values, expected 2 like line 1 (comma-separated)"),
+    ("10,20\n-\n", "error", "line 2 has 1 values, expected 2 like line 1 (comma-separated)"),
+]
+
+
+@pytest.mark.parametrize("text, dtype, expected", CSV_FILES, ids=[repr(text) for text, *_ in CSV_FILES])
+def test_integer_csv_files_read_as_np_loadtxt_reads_them(tmp_path, text, dtype, expected):
+    from segmenter.errors import InputError
+    from segmenter.io.tabular import read_csv
+
+    path = tmp_path / "slice.csv"
+    path.write_bytes(text.encode())
+    if dtype == "error":
+        with pytest.raises(InputError) as error:
+            read_csv(path)
+        assert str(error.value) == f"{path}: {expected}"
+    else:
+        array = read_csv(path).array
+        assert array.dtype == np.dtype(dtype) and array.tolist() == expected
+
+
 def _tree_bytes(folder):
     """Every file under ``folder`` (shards, manifest, test/...) by relative path, with its bytes."""
     return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}

@@ -24,7 +24,7 @@ from segmenter.manifest import (MANIFEST_VERSION, Manifest, ManifestError, TestS
 from segmenter.preload.discovery import find_cases
 from segmenter.preload.fingerprint import fingerprint, hash_sources
 from segmenter.preload.split import split_cases
-from segmenter.preload.store import ScratchSamples, write_shards
+from segmenter.preload.store import SCRATCH_FOLDER, ScratchFolders, write_shards
 from segmenter.preload.workers import SLAB, SURVEY, TEST, TRAIN, CaseJob, Workers
 from segmenter.preprocessing import normalization, planner, resample
 
@@ -95,7 +95,7 @@ def preload(config: Config, overwrite: bool = False, skip_invalid: Optional[bool
             roles = [(case, SLAB if split.method == "slab" else TRAIN) for case in split.train]
             roles += [(case, TEST) for case in split.test if split.method != "slab"]
             jobs = [CaseJob(case, role, tmp_dir, plan if role == TRAIN else None) for case, role in roles]
-            scratch = ScratchSamples(tmp_dir / "scratch", config.preload.image_size, len(config.preload.channels))
+            scratch = ScratchFolders(tmp_dir / SCRATCH_FOLDER, config.preload.image_size, len(config.preload.channels))
             train_records, test_records, samples, skipped, digests = [], [], [], [], {}
             for outcome in workers.run_cases(jobs, with_digests=not hash_first):
                 if outcome.digest_error:
@@ -110,12 +110,8 @@ def preload(config: Config, overwrite: bool = False, skip_invalid: Optional[bool
                     continue
                 train_records += outcome.records
                 test_records += outcome.test_records
-                for sample in outcome.samples:
-                    if plan is None:
-                        sample["row"] = scratch.append(sample)  # keeps only the small record in memory
-                    samples.append(sample)
+                samples += outcome.samples  # records: the arrays of 2D samples are in the workers' scratch files
             workers.close()  # their memory is not needed while the shards are written
-            scratch.finish_writing()
             if not hash_first:
                 source_hashes = dict(sorted(digests.items()))
             skipped.sort(key=lambda entry: entry["case_id"])  # workers finish in any order
@@ -135,7 +131,7 @@ def preload(config: Config, overwrite: bool = False, skip_invalid: Optional[bool
                 preprocessing=config.preload.model_dump(mode="json"), sources=source_hashes, skipped=skipped,
                 split=split.method,
                 train=TrainSplit(cases=sorted(train_records, key=lambda r: r.id),
-                                 samples=[{k: v for k, v in s.items() if k != "row"} for s in samples],
+                                 samples=[{k: v for k, v in s.items() if k != "scratch"} for s in samples],
                                  shards=shards, samples_with_label=_label_counts(samples)),
                 test=TestSplit(cases=sorted(test_records, key=lambda r: r.id)),
                 config=config.to_jsonable(),
