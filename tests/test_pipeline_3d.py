@@ -95,6 +95,11 @@ def test_volumes_run_through_the_five_stages_in_3d(volumes, tmp_path):
         expected = [round(n * s / t) for n, s, t in zip(case.shape, case.spacing, plan.target_spacing)]
         assert list(labels.shape) == expected and image.shape == (*expected, 1)
         assert abs(float(image.mean())) < 0.1 and set(np.unique(labels)) <= {0, 1, 2}
+        # Where each class occurs, for the patch sampler: every voxel of these small classes, class 1 first.
+        with np.load(preloaded / name) as data:
+            locations, counts = data["locations"], data["location_counts"]
+        assert counts.tolist() == [int((labels == 1).sum()), int((labels == 2).sum())]
+        np.testing.assert_array_equal(locations, np.concatenate([np.argwhere(labels == 1), np.argwhere(labels == 2)]))
 
     experiment = tmp_path / "exp" / "toy3d"
     model = keras.models.load_model(layout.model_path(experiment / "train"), compile=False)
