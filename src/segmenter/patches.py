@@ -14,11 +14,12 @@ How it follows nnU-Net (``nnunetv2`` data loader and ``get_training_transforms``
   class uniformly among the foreground classes the volume holds, then a voxel of that class uniformly, so a
   small structure is seen as often as a large one. The voxels come from the volume's class locations when
   given (:func:`segmenter.volumes.class_locations`, stored by preload as nnU-Net stores its
-  ``class_locations``: no pass over the whole volume per patch), else from a search of the label map. The other patches (and forced ones of a volume without
-  foreground) lie uniformly at random inside the volume. On an axis where the volume is smaller than the
-  patch, the volume sits in the middle of the patch, padded on both sides (an odd voxel of padding goes
-  before it, as with nnU-Net's ``-need_to_pad // 2``). Like nnU-Net the patch is kept inside the volume
-  where the volume is large enough (the chosen voxel is then inside it, though not always central).
+  ``class_locations``: no pass over the whole volume per patch), else from a search of the label map. The
+  other patches (and forced ones of a volume without foreground) lie uniformly at random inside the volume.
+  On an axis where the volume is smaller than the patch, the volume sits in the middle of the patch, padded
+  on both sides (an odd voxel of padding goes before it, as with nnU-Net's ``-need_to_pad // 2``). Like
+  nnU-Net the patch is kept inside the volume where the volume is large enough (the chosen voxel is then
+  inside it, though not always central).
 * Spatial augmentation and cropping are one resampling of the volume on the patch's voxel grid: rotation
   (each axis uniform in +-rotation_degrees, one event of probability rotation_probability), scaling (one
   factor from scale_range multiplies the sampled extent: above 1 zooms out; probability scale_probability)
