@@ -7,9 +7,9 @@ cut from, mapped linearly so that the first voxel is -1 and the last +1::
     position = 2 * index / max(size - 1, 1) - 1
 
 Voxels outside the volume (padding) get the same formula, so they read below -1 or above +1. A patch
-sees the anatomy near it, not where it is; these channels tell the network, so that it can learn, say,
-that the left and right hippocampus are two different places (MedPatchNet's position-conditioned
-convolutions; the network side is :mod:`segmenter.models.positions`).
+sees the anatomy near it, not where it is; these channels tell the network, so that it can tell apart
+look-alike tissue at different places of a large volume, say the left and right kidney of an abdominal CT
+(MedPatchNet's position-conditioned convolutions; the network side is :mod:`segmenter.models.positions`).
 
 One formula, two writers: the training patch sampler computes it in TensorFlow from the coordinates it
 samples (``segmenter.patches``, so a rotated or scaled patch carries the positions it was resampled from),

@@ -89,7 +89,7 @@ def class_locations(labels: np.ndarray, num_classes: int, seed: int) -> tuple[np
         parts.append(voxels)
         counts.append(len(voxels))
     locations = np.concatenate(parts) if parts else np.zeros((0, labels.ndim), np.int32)
-    return locations.reshape(-1, labels.ndim), np.array(counts, dtype=np.int32)
+    return locations, np.array(counts, dtype=np.int32)
 
 
 def _class_on_original_grid(probabilities: np.ndarray, k: int, geometry: VolumeGeometry) -> np.ndarray:

@@ -38,11 +38,12 @@ class SplitPositions(layers.Layer):
         return (*spatial, None if channels is None else channels - NUM_CHANNELS), (*spatial, NUM_CHANNELS)
 
 
-def split(inputs, input_shape: tuple) -> tuple:
+def split(inputs) -> tuple:
     """(image, positions) tensors of a model input that ends with the position channels."""
-    if input_shape[-1] is None or input_shape[-1] <= NUM_CHANNELS:
+    channels = inputs.shape[-1]
+    if channels is None or channels <= NUM_CHANNELS:
         raise ValueError(f"a position-conditioned model needs the image channels and {NUM_CHANNELS} position "
-                         f"channels, got an input of {input_shape[-1]} channels")
+                         f"channels, got an input of {channels} channels")
     image, positions = SplitPositions(name=SPLIT_NAME)(inputs)
     return image, positions
 

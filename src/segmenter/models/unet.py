@@ -46,7 +46,7 @@ def encoder_decoder(input_shape, num_classes: int, settings: ModelConfig, *, blo
     x = inputs
     where = None  # the positions at each level's resolution, for a position-conditioned model
     if settings.position_conditioning:
-        x, at_full_resolution = positions.split(inputs, input_shape)
+        x, at_full_resolution = positions.split(inputs)
         where = positions.pyramid(at_full_resolution, depth)
 
     def conditioned(x, level: int, name: str):
