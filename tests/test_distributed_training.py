@@ -48,7 +48,7 @@ def _experiment_dir(config_file: Path) -> Path:
     return config_file.parent / "experiments" / "tiny_ct"
 
 
-def _check_loss_falls_and_model_loads(train_dir: Path) -> None:
+def _check_loss_falls_and_model_loads(train_dir: Path):
     import keras
 
     import segmenter.losses  # noqa: F401  (registers the losses and metrics the saved model was compiled with)
@@ -59,6 +59,7 @@ def _check_loss_falls_and_model_loads(train_dir: Path) -> None:
     assert history.loss.iloc[0] > history.loss.iloc[-1]
     model = keras.models.load_model(train_dir / "model" / "model.keras")
     assert model.output_shape[-1] == 2
+    return model
 
 
 def _free_ports(count: int) -> list[int]:
@@ -74,12 +75,16 @@ def _free_ports(count: int) -> list[int]:
 
 def test_mirrored_on_two_logical_cpu_devices(config_file):
     experiment = _experiment_dir(config_file)
-    done = subprocess.run(_train_command(config_file, "train.distribution=mirrored"), cwd=REPO_ROOT,
+    # Batch norm, whose training step (FusedBatchNormalization) updates moving statistics in each replica.
+    done = subprocess.run(_train_command(config_file, "train.distribution=mirrored", "train.model.normalization=batch"),
+                          cwd=REPO_ROOT,
                           env=_env(SEGMENTER_CPU_DEVICES="2"), capture_output=True, text=True, timeout=TIMEOUT_S)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Training on 2 replicas (one machine; train.distribution mirrored): global batch 4, 2 per replica" \
         in done.stdout
-    _check_loss_falls_and_model_loads(experiment / "train")
+    model = _check_loss_falls_and_model_loads(experiment / "train")
+    norms = [layer for layer in model.layers if type(layer).__name__ == "FusedBatchNormalization"]
+    assert norms and all(abs(float(layer.moving_mean.numpy().mean())) > 0 for layer in norms)
 
 
 def test_two_workers_train_together_and_only_the_chief_writes(config_file, tmp_path):

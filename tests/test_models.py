@@ -27,6 +27,7 @@ SMALL_MODELS = [
     ("deeplabv3plus_resnet50", {"architecture": "deeplabv3plus", "base_filters": 2, "backbone": "resnet50"}, 64),
     ("medpatchnet", {"architecture": "medpatchnet", "depth": 2, "base_filters": 4}, 32),
     ("unet_deep_supervision", {"architecture": "unet", "depth": 3, "base_filters": 4, "deep_supervision": True}, 32),
+    ("unet_batch_norm", {"architecture": "unet", "depth": 2, "base_filters": 4, "normalization": "batch"}, 32),
 ]
 NUM_CLASSES = 3
 
@@ -101,6 +102,50 @@ def test_group_normalization_matches_keras_in_values_and_gradients(shape, groups
         np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(4, 9, 11, 16), (2, 5, 6, 7, 8)])
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
+def test_fused_batch_normalization_trains_like_keras(shape, policy):
+    """Outputs, gradients (input, gamma, beta) and moving statistics over training steps, then inference, equal
+    those of Keras' BatchNormalization; under mixed precision on a float16 input as well."""
+    import tensorflow as tf
+
+    from segmenter.models.blocks import NORMALIZATION_DTYPE, FusedBatchNormalization
+
+    rng = np.random.default_rng(0)
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        reference = keras.layers.BatchNormalization(dtype=NORMALIZATION_DTYPE)
+        ours = FusedBatchNormalization(dtype=NORMALIZATION_DTYPE)
+        for layer in (reference, ours):
+            layer.build(shape)
+        weights = [rng.normal(1.0, 0.3, w.shape).astype(np.float32) for w in reference.weights]
+        weights[3] = np.abs(weights[3])  # a variance
+        reference.set_weights(weights)
+        ours.set_weights(weights)
+        input_dtype = "float16" if policy == "mixed_float16" else "float32"
+        for step in range(3):
+            # A mean far from 0 and a spread far from 1, as after a convolution.
+            x = tf.constant(rng.normal(3.0, 2.0, shape).astype(input_dtype))
+            weight = tf.constant(rng.normal(size=shape).astype(np.float32))
+            results = []
+            for layer in (reference, ours):
+                with tf.GradientTape() as tape:
+                    tape.watch(x)
+                    y = layer(x, training=True)
+                    loss = tf.reduce_sum(tf.cast(y, "float32") * weight)
+                gradients = tape.gradient(loss, [x, *layer.trainable_weights])
+                results.append([y, *gradients, layer.moving_mean, layer.moving_variance])
+            assert results[1][0].dtype == results[0][0].dtype
+            for expected, actual in zip(*results):
+                np.testing.assert_allclose(np.asarray(actual, np.float32), np.asarray(expected, np.float32),
+                                           rtol=2e-4, atol=2e-4)
+        assert not np.allclose(ours.moving_mean.numpy(), weights[2])  # the statistics moved
+        np.testing.assert_allclose(ours(x, training=False), reference(x, training=False), rtol=1e-5, atol=1e-5)
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
 @pytest.mark.parametrize("settings, shape", [
     ({"architecture": "unet", "depth": 2, "base_filters": 4, "normalization": "batch"}, (32, 32, 1)),
     ({"architecture": "residual_unet", "depth": 1, "base_filters": 4, "normalization": "batch"}, (8, 16, 16, 2)),
@@ -145,7 +190,7 @@ def test_normalization_choices():
     assert all(layer.groups == layer.input.shape[-1] for layer in instance)
     assert {layer.groups for layer in instance} == {16, 32}
     assert all(layer.groups == 8 for layer in normalization_layers("group"))
-    assert all(isinstance(layer, keras.layers.BatchNormalization) for layer in normalization_layers("batch"))
+    assert all(type(layer).__name__ == "FusedBatchNormalization" for layer in normalization_layers("batch"))
     assert all(isinstance(layer, keras.layers.Identity) for layer in normalization_layers("none"))
 
 
