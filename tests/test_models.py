@@ -315,6 +315,24 @@ def test_encoder_weights_load_from_a_local_file(tmp_path, settings, backbone_nam
         build_model({**settings, "encoder_weights": str(tmp_path / "missing.weights.h5")}, (64, 64, 1), 2)
 
 
+def test_encoder_batch_normalization_is_fused_and_computes_as_keras():
+    keras.utils.set_random_seed(2)
+    plain = backbones.build_backbone("mobilenetv2", (32, 32), encoder_weights=None)
+    assert "block_16_project_BN" in [layer.name for layer in plain.layers]
+    fused = backbones.encoder(plain, ["block_16_project_BN"])
+    assert fused.name == "encoder"
+    kinds = [type(layer).__name__ for layer in fused.layers]
+    assert kinds.count("FusedBatchNormalization") == 51 and "BatchNormalization" not in kinds
+    images = np.random.default_rng(0).uniform(-1, 1, (4, 32, 32, 3)).astype("float32")
+    reference = keras.Model(plain.input, plain.get_layer("block_16_project_BN").output)
+    np.testing.assert_allclose(fused(images, training=False), reference(images, training=False), rtol=1e-5, atol=1e-5)
+    # In training each of 51 layers normalises with batch statistics (of 4 values per channel at the last
+    # level, 1 x 1 pixels), whose rounding differs between the kernels: a little apart after 51 of them.
+    np.testing.assert_allclose(fused(images, training=True), reference(images, training=True), rtol=0, atol=5e-3)
+    np.testing.assert_allclose(fused.get_layer("bn_Conv1").moving_mean, plain.get_layer("bn_Conv1").moving_mean,
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_imagenet_weights_are_requested_from_keras_applications(monkeypatch):
     # Downloading is not allowed in tests: record what the constructor is asked for, build without weights.
     requested = []
