@@ -6,8 +6,8 @@ One process, every contender in turn, ``--rounds`` times over (the median of the
 that a machine whose speed drifts during the run (shared hosts do) treats them alike:
 
 2D, 256 x 256, batch 8, 3 classes, a 4-level 32-filter U-Net with batch norm (24 GFLOP per image forward):
-- ``keras_reference``: a U-Net of the same layers written in plain Keras, Adam, Dice + cross-entropy written
-  in a few ops, no metrics, in-memory tensors: the fastest Keras can train this network here;
+- ``keras_reference``: a U-Net of the same layers written in plain Keras (Keras' own BatchNormalization, not
+  segmenter's fused one), Adam, Dice + cross-entropy written in a few ops, no metrics, in-memory tensors;
 - ``segmenter_memory``: segmenter's model, compiled by the train stage's code (AdamW, its Dice + cross-entropy,
   its Dice metrics), fed in-memory tensors;
 - ``segmenter_pipeline``: the same, fed by the train stage's input pipeline (shuffling, stateless per-sample
