@@ -48,7 +48,7 @@ def _experiment_dir(config_file: Path) -> Path:
     return config_file.parent / "experiments" / "tiny_ct"
 
 
-def _check_loss_falls_and_model_loads(train_dir: Path):
+def _check_loss_falls_and_model_loads(train_dir: Path) -> "keras.Model":
     import keras
 
     import segmenter.losses  # noqa: F401  (registers the losses and metrics the saved model was compiled with)
