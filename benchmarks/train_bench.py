@@ -13,10 +13,15 @@ that a machine whose speed drifts during the run (shared hosts do) treats them a
 - ``segmenter_pipeline``: the same, fed by the train stage's input pipeline (shuffling, stateless per-sample
   augmentation, one-hot, batching) over the same images: the pipeline's cost is the difference;
 - ``monai``: MONAI's BasicUNet with features (32, 64, 128, 256, 512, 32) (the same depth and widths), batch
-  norm, Adam, DiceCELoss, in PyTorch on the CPU; only with the optional ``bench`` extra (torch, monai).
+  norm, Adam, DiceCELoss, in PyTorch on the CPU; only with the optional ``bench`` extra (torch, monai);
+- ``monai_channels_last``: the same network and tensors in PyTorch's channels-last memory format (one line
+  for a MONAI user).
 Inference: ``keras_reference`` calls ``predict_on_batch``; ``segmenter`` runs the predict stage's
 ``inference.predict_probabilities`` on 32 images with the model as the predict stage loads it (batch norm
-folded into the convolutions); MONAI runs the network under ``torch.inference_mode``.
+folded into the convolutions), ``segmenter_bfloat16`` the same with ``predict.precision: "bfloat16"``;
+MONAI runs the network under ``torch.inference_mode``, in both layouts, and ``monai_bfloat16`` under
+``torch.autocast`` to bfloat16 in channels-last. The machine's bfloat16 CPU flags go into the JSON: without
+them bfloat16 is emulated.
 
 3D, as ``configs/hippocampus_3d.py`` trains (40 x 56 x 40 patches, batch 2, depth 3, 16 filters, group norm,
 3 classes), with ``segmenter_memory``, ``segmenter_pipeline`` (the patch sampler with nnU-Net's 3D
@@ -32,6 +37,7 @@ convolutions' multiply-adds x 2 (training: 3 x forward), and the fraction of the
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -48,6 +54,7 @@ from keras import layers, ops  # noqa: E402
 
 from segmenter import data_pipeline, inference, models, training, volume_dataset  # noqa: E402
 from segmenter.config import ModelConfig, TrainConfig  # noqa: E402
+from segmenter.models import precision  # noqa: E402
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "train_bench.json"
 NUM_CLASSES = 3
@@ -241,7 +248,10 @@ def bench(dims: int, rounds: int, steps: int, peak_gflops: float) -> dict:
     contenders = {"segmenter_memory": (seg, memory), "segmenter_pipeline": (seg, pipeline)}
     flops = {"segmenter": keras_forward_flops(seg)}
     predicting = models.fold_batch_normalization(seg)  # as inference.trained_models loads a trained model
-    infer = {"segmenter": lambda: inference.predict_probabilities(predicting, inference_images, batch)}
+    # predict.precision "bfloat16": the convolutions in bfloat16 (models.precision).
+    predicting_bfloat16 = models.with_precision(predicting, "bfloat16")
+    infer = {"segmenter": lambda: inference.predict_probabilities(predicting, inference_images, batch),
+             "segmenter_bfloat16": lambda: inference.predict_probabilities(predicting_bfloat16, inference_images, batch)}
     if dims == 2:
         reference = plain_keras_unet(shape, 1, setup)
         reference.compile(optimizer=keras.optimizers.Adam(1e-3), loss=plain_dice_ce, jit_compile=False)
@@ -256,54 +266,73 @@ def bench(dims: int, rounds: int, steps: int, peak_gflops: float) -> dict:
         from monai.losses import DiceCELoss
     except Exception as error:  # noqa: BLE001 - any import failure means "the bench extra is not installed"
         monai_skipped = f"torch/monai not importable ({type(error).__name__}: {error}); pip install -e '.[bench]'"
+    monai_train = {}
     if monai_skipped is None:
-        to_torch = (lambda a: torch.from_numpy(np.ascontiguousarray(np.moveaxis(a, -1, 1))))
-        x_memory, y_memory = next(iter(memory))
-        x_memory, y_memory = to_torch(x_memory.numpy()), to_torch(y_memory.numpy())
-        optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
-        loss_function = DiceCELoss(softmax=True, batch=True)
+        x_memory, y_memory = (torch.from_numpy(np.ascontiguousarray(np.moveaxis(a.numpy(), -1, 1)))
+                              for a in next(iter(memory)))
+        x_infer = torch.from_numpy(np.ascontiguousarray(np.moveaxis(inference_images[:batch], -1, 1)))
         flops["monai"] = torch_forward_flops(net.eval(), x_memory)
+        # MONAI as shipped computes in PyTorch's default NCHW layout; "channels last" (NHWC, NDHWC in 3D) is
+        # one line for its users (the guide's PyTorch reference ran it), so it is timed as a contender too.
+        # In bfloat16 it was the faster layout (0.92-1.0 s against 1.27-1.52 s per batch of 8 in a scratch run).
+        channels_last = torch.channels_last if dims == 2 else torch.channels_last_3d
+        variants = {"monai": (net, lambda t: t),
+                    "monai_channels_last": (copy.deepcopy(net).to(memory_format=channels_last),
+                                            lambda t: t.contiguous(memory_format=channels_last))}
+        loss_function = DiceCELoss(softmax=True, batch=True)
 
-        def monai_step():
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_function(net(x_memory), y_memory)
-            loss.backward()
-            optimizer.step()
+        def monai_training(variant, arrange):
+            optimizer = torch.optim.Adam(variant.parameters(), lr=1e-3)
+            x, y = arrange(x_memory), arrange(y_memory)
 
-        def monai_rate():
-            net.train()
-            for _ in range(WARMUP_STEPS):
-                monai_step()
-            started = time.perf_counter()
-            for _ in range(steps):
-                monai_step()
-            return batch * steps / (time.perf_counter() - started)
+            def step():
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_function(variant(x), y)
+                loss.backward()
+                optimizer.step()
 
-        x_infer = to_torch(inference_images[:batch])
+            def rate():
+                variant.train()
+                for _ in range(WARMUP_STEPS):
+                    step()
+                started = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                return batch * steps / (time.perf_counter() - started)
+            return rate
 
-        def monai_infer():
-            net.eval()
-            with torch.inference_mode():
-                torch.softmax(net(x_infer), dim=1).numpy()
+        def monai_inference(variant, arrange, dtype=None):
+            x = arrange(x_infer)
 
-        infer["monai"] = monai_infer
+            def infer_once():
+                variant.eval()
+                with torch.inference_mode(), torch.autocast("cpu", dtype=dtype or torch.bfloat16,
+                                                            enabled=dtype is not None):
+                    torch.softmax(variant(x).float(), dim=1).numpy()
+            return infer_once
 
-    train_rates = {name: [] for name in [*contenders, *([] if monai_skipped else ["monai"])]}
+        for name, (variant, arrange) in variants.items():
+            monai_train[name] = monai_training(variant, arrange)
+            infer[name] = monai_inference(variant, arrange)
+        # bfloat16 (autocast, as PyTorch users run it) in the faster of the two layouts.
+        infer["monai_bfloat16"] = monai_inference(*variants["monai_channels_last"], dtype=torch.bfloat16)
+
+    train_rates = {name: [] for name in [*contenders, *monai_train]}
     infer_rates = {name: [] for name in infer}
     for round_index in range(rounds):
         for name, (model, dataset) in contenders.items():
             train_rates[name].append(keras_training_rate(model, dataset, batch, steps))
             print(f"{dims}D round {round_index + 1}: {name} trains {train_rates[name][-1]:.2f} samples/s", flush=True)
-        if monai_skipped is None:
-            train_rates["monai"].append(monai_rate())
-            print(f"{dims}D round {round_index + 1}: monai trains {train_rates['monai'][-1]:.2f} samples/s", flush=True)
+        for name, rate in monai_train.items():
+            train_rates[name].append(rate())
+            print(f"{dims}D round {round_index + 1}: {name} trains {train_rates[name][-1]:.2f} samples/s", flush=True)
         for name, function in infer.items():
-            samples = len(inference_images) if name == "segmenter" else batch
+            samples = len(inference_images) if name.startswith("segmenter") else batch
             infer_rates[name].append(timed_rate(function, samples, repeats=max(2, steps // 2)))
             print(f"{dims}D round {round_index + 1}: {name} infers {infer_rates[name][-1]:.2f} samples/s", flush=True)
 
     def flops_of(name):
-        return flops["segmenter"] if name.startswith("segmenter") else flops[name]
+        return flops["segmenter"] if name.startswith("segmenter") else flops["monai" if name.startswith("monai") else name]
 
     result = {"setup": {**setup, "shape": list(shape), "classes": NUM_CLASSES,
                         "segmenter_forward_gflop": round(flops["segmenter"] / 1e9, 2)},
@@ -328,8 +357,13 @@ def bench(dims: int, rounds: int, steps: int, peak_gflops: float) -> dict:
         ratios["infer_segmenter_over_keras_reference"] = round(
             inference_rates["segmenter"] / inference_rates["keras_reference"], 3)
     if monai_skipped is None:
-        ratios["train_segmenter_pipeline_over_monai"] = round(training_rates["segmenter_pipeline"] / training_rates["monai"], 3)
-        ratios["infer_segmenter_over_monai"] = round(inference_rates["segmenter"] / inference_rates["monai"], 3)
+        for name in monai_train:
+            ratios[f"train_segmenter_pipeline_over_{name}"] = round(
+                training_rates["segmenter_pipeline"] / training_rates[name], 3)
+        for name in variants:
+            ratios[f"infer_segmenter_over_{name}"] = round(inference_rates["segmenter"] / inference_rates[name], 3)
+        ratios["infer_segmenter_bfloat16_over_monai_bfloat16"] = round(
+            inference_rates["segmenter_bfloat16"] / inference_rates["monai_bfloat16"], 3)
         result["monai"] = {"network": type(net).__name__, "torch": torch.__version__, "threads": torch.get_num_threads()}
     else:
         result["monai"] = {"skipped": monai_skipped}
@@ -356,6 +390,7 @@ def main() -> None:
             f"--{k} {v}" for k, v in (("dims", args.dims), ("rounds", args.rounds), ("steps", args.steps))),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                     "load_average_before": [round(v, 2) for v in load_before],
+                    "bfloat16_cpu_flags": sorted(set(precision.BFLOAT16_CPU_FLAGS) & precision.cpu_flags()),
                     "matmul_gflops_before_after": [round(p, 1) for p in peaks]},
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
         **results,

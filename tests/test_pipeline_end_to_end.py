@@ -93,6 +93,22 @@ def test_predictions(finished_run, tiny_ct_dataset):
     assert mask.shape == (64, 64) and set(np.unique(mask)) <= {0, 1}
 
 
+def test_bfloat16_prediction_gives_the_float32_masks(finished_run, tiny_ct_dataset, tmp_path):
+    work, config_path, _ = finished_run
+    float32_dir = work / "experiments" / "tiny_ct" / "predict" / "images"
+    result = run_cli("predict", "--config", str(config_path), "--input", str(tiny_ct_dataset / "images"),
+                     "--output", str(tmp_path / "bfloat16"), "--set", "predict.precision=bfloat16")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "bfloat16" / layout.PREDICTIONS_RECORD).read_text())["precision"] == "bfloat16"
+    assert json.loads((float32_dir / layout.PREDICTIONS_RECORD).read_text())["precision"] is None
+    names = sorted(p.name for p in float32_dir.glob("*.csv"))
+    assert names == sorted(p.name for p in (tmp_path / "bfloat16").glob("*.csv"))
+    float32 = np.stack([np.loadtxt(float32_dir / name, delimiter=",") for name in names])
+    bfloat16 = np.stack([np.loadtxt(tmp_path / "bfloat16" / name, delimiter=",") for name in names])
+    # Rounding to bfloat16 moves only pixels whose two probabilities were within a few hundredths.
+    assert float32.sum() > 0 and (float32 == bfloat16).mean() > 0.99
+
+
 def test_evaluation(finished_run):
     work, _, outputs = finished_run
     evaluate = work / "experiments" / "tiny_ct" / "evaluate"

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 import keras
 import numpy as np
+import tensorflow as tf
 from skimage.transform import resize
 from tqdm import tqdm
 
@@ -27,6 +28,7 @@ from segmenter.config import Config, ConfigError, NormalizationConfig, PredictCo
 from segmenter.errors import InputError
 from segmenter.io.writers import output_suffix
 from segmenter.manifest import check_classes, read_manifest
+from segmenter.models import precision
 from segmenter.positions import input_channels
 from segmenter.preprocessing import prepare_image
 
@@ -79,6 +81,7 @@ def trained_models(config: Config):
         # Batch norm folded into the convolutions: the same predictions, a fifth faster (models.folding).
         model = segmenter.models.fold_batch_normalization(
             segmenter.models.inference_model(keras.models.load_model(model_path, compile=False)))
+        model = segmenter.models.with_precision(model, config.predict.precision)
         outputs = model.output_shape[-1]
         if outputs != len(config.classes):
             raise ConfigError(f"{model_path}: the model has {outputs} output channels but the config names "
@@ -87,6 +90,10 @@ def trained_models(config: Config):
                                       model_input_channels(model, len(preprocessing.get("channels", ["image"]))),
                                       model_path, layout.preprocessing_path(folder))
         models.append(model)
+    if config.predict.precision == "bfloat16" and precision.bfloat16_is_emulated(
+            tf.config.list_physical_devices("GPU"), precision.cpu_flags()):
+        print("predict.precision bfloat16: this CPU has no bfloat16 instructions (avx512_bf16, amx_bf16) and no "
+              "GPU is visible, so bfloat16 is emulated and unlikely to be faster than float32")
     paths = [layout.model_path(folder) for folder in folders]
     return (models[0] if len(models) == 1 else ModelEnsemble(models)), preprocessing, paths
 
@@ -190,7 +197,8 @@ def predict_test_set(config: Config) -> PredictResult:
                            # evaluate checks these: predictions of the current model(s) and preload
                            "model_sha256": consistency.models_digest(model_files),
                            "preload_fingerprint": manifest.fingerprint,
-                           "input": str(layout.test_images_dir(config.preloaded_dir))}, options=config.predict)
+                           "input": str(layout.test_images_dir(config.preloaded_dir)),
+                           "precision": config.predict.precision}, options=config.predict)
     save_resolved_config(config, config.stage_dir("predict"))
     return PredictResult(out_dir, count)
 
@@ -328,7 +336,8 @@ def predict_folder(config: Config, input_dir: Path, output_dir: Optional[Path] =
     check_replaceable_folder(output_dir, [input_dir, test_predictions], [layout.PREDICTIONS_RECORD], "--output")
     count = predict_cases(model, preprocessing, cases, output_dir,
                           lambda case_id, paths, ndim: output_suffix(paths[0], ndim), config.predict.batch_size,
-                          {"input": str(input_dir), "model_files": [str(path) for path in model_files]},
+                          {"input": str(input_dir), "model_files": [str(path) for path in model_files],
+                           "precision": config.predict.precision},
                           dicom_seg=dicom_seg, previews=True, options=config.predict)
     print(f"Previews: {Path(output_dir) / layout.PREVIEW_DIR / layout.PREVIEW_INDEX}")
     return PredictResult(output_dir, count)

@@ -9,6 +9,7 @@ from segmenter.models.factory import (
 from segmenter.models.deep_supervision import inference_model
 from segmenter.models.folding import fold_batch_normalization
 from segmenter.models.positions import takes_positions
+from segmenter.models.precision import with_precision
 
 __all__ = [
     "ARCHITECTURES",
@@ -19,4 +20,5 @@ __all__ = [
     "inference_model",
     "set_encoder_trainable",
     "takes_positions",
+    "with_precision",
 ]
