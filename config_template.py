@@ -288,8 +288,9 @@ CONFIG = {
         # 3D: also write probabilities/<case>.nii.gz, one float32 volume per class.
         "save_probabilities": False,
         # The model's compute precision: None: as trained (float32; float16 after mixed-precision training);
-        # "bfloat16": convolutions in bfloat16, normalisation and softmax in float32, about twice as fast on a
-        # CPU with AVX512_BF16 or AMX (Dice unchanged to 3 decimals in benchmarks/predict_precision.py);
+        # "bfloat16": convolutions in bfloat16, normalisation and softmax in float32: on a CPU with AVX512_BF16,
+        # 2.1x as fast for the 2D U-Net of benchmarks/train_bench.py, 1.4x for its 3D one (group norm); test
+        # Dice unchanged to 3 decimals on spine and hippocampus data (benchmarks/predict_precision.py);
         # "float32": full precision throughout.
         "precision": None,
     },
