@@ -13,7 +13,6 @@ changed; with the predict commands' wall-clock seconds (which include loading Te
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -27,6 +26,9 @@ import pandas as pd
 
 from segmenter import io, layout
 from segmenter.config import load_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from spine_default_run import report_figures  # noqa: E402
 
 PRECISIONS = ("float32", "bfloat16")
 
@@ -85,10 +87,7 @@ def main() -> None:
         "experiment": config.experiment, "n_test_cases": int(metrics["float32"].image_id.nunique()),
         "predict_seconds": seconds, "classes": per_class, "labels": changes,
     }
-    print(json.dumps(figures, indent=2))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+    report_figures(figures, args.json)
 
 
 if __name__ == "__main__":

@@ -274,7 +274,7 @@ def bench(dims: int, rounds: int, steps: int, peak_gflops: float) -> dict:
         flops["monai"] = torch_forward_flops(net.eval(), x_memory)
         # MONAI as shipped computes in PyTorch's default NCHW layout; "channels last" (NHWC, NDHWC in 3D) is
         # one line for its users (the guide's PyTorch reference ran it), so it is timed as a contender too.
-        # In bfloat16 it was the faster layout (0.92-1.0 s against 1.27-1.52 s per batch of 8 in a scratch run).
+        # In bfloat16 it was the faster layout (0.92-1.0 s against 1.27-1.52 s per batch of 8; a scratch script).
         channels_last = torch.channels_last if dims == 2 else torch.channels_last_3d
         variants = {"monai": (net, lambda t: t),
                     "monai_channels_last": (copy.deepcopy(net).to(memory_format=channels_last),

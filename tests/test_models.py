@@ -172,13 +172,19 @@ def test_folding_batch_normalization_keeps_the_predictions(settings, shape):
     assert fold_batch_normalization(build_model({"depth": 1, "base_filters": 4}, (16, 16, 1), 2)).name == "unet"
 
 
-@pytest.mark.parametrize("case, settings, size", [*SMALL_MODELS, ("unet_3d", {"architecture": "unet", "depth": 2,
-                          "base_filters": 8}, 16)], ids=[case for case, _, _ in SMALL_MODELS] + ["unet_3d"])
+PRECISION_CASES = [*SMALL_MODELS, ("unet_3d", {"architecture": "unet", "depth": 2, "base_filters": 8}, 16),
+                   ("medpatchnet_positions_3d", {"architecture": "medpatchnet", "depth": 2, "base_filters": 4,
+                                                 "position_conditioning": True}, 16)]
+
+
+@pytest.mark.parametrize("case, settings, size", PRECISION_CASES, ids=[case for case, _, _ in PRECISION_CASES])
 def test_bfloat16_prediction_computes_convolutions_in_bfloat16_and_keeps_the_probabilities(case, settings, size):
     from segmenter.models import fold_batch_normalization, inference_model, with_precision
 
     keras.utils.set_random_seed(0)
-    shape = (size, size, size, 1) if case.endswith("3d") else (size, size, 1)
+    # A position-conditioned model takes the patch's 3 position channels after the image's.
+    channels = 4 if settings.get("position_conditioning") else 1
+    shape = (size, size, size, channels) if case.endswith("3d") else (size, size, channels)
     # As the predict stage loads a model: single output, batch norm folded.
     model = fold_batch_normalization(inference_model(build_model(settings, shape, NUM_CLASSES)))
     model(np.zeros((1, *shape), np.float32))
@@ -228,10 +234,16 @@ def test_bfloat16_warning_only_where_no_device_computes_it(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\nprocessor\t: 1\n")
     assert {"avx2", "avx512_bf16"} <= cpu_flags(cpuinfo)
+    cpuinfo.write_text("processor\t: 0\nFeatures\t: fp asimd sve bf16\n")  # Arm (e.g. Graviton3)
+    assert "bf16" in cpu_flags(cpuinfo)
     assert cpu_flags(tmp_path / "missing") == set()
     assert not bfloat16_is_emulated([], {"avx512_bf16"}) and not bfloat16_is_emulated([], {"amx_bf16"})
+    assert not bfloat16_is_emulated([], {"bf16"})
     assert bfloat16_is_emulated([], {"avx2", "avx512f"})
-    assert not bfloat16_is_emulated(["GPU:0"], set())
+    # With GPUs the model runs there: Ampere (8.0) and later compute bfloat16, a T4 (7.5) does not.
+    assert not bfloat16_is_emulated([(8, 0), (9, 0)], set())
+    assert bfloat16_is_emulated([(7, 5)], {"avx512_bf16"})
+    assert not bfloat16_is_emulated([None], set())  # capability unknown: no warning
 
 
 def test_default_unet_is_four_levels_of_doubling_filters():

@@ -106,7 +106,12 @@ def test_bfloat16_prediction_gives_the_float32_masks(finished_run, tiny_ct_datas
     float32 = np.stack([np.loadtxt(float32_dir / name, delimiter=",") for name in names])
     bfloat16 = np.stack([np.loadtxt(tmp_path / "bfloat16" / name, delimiter=",") for name in names])
     # Rounding to bfloat16 moves only pixels whose two probabilities were within a few hundredths.
-    assert float32.sum() > 0 and (float32 == bfloat16).mean() > 0.99
+    labelled = (float32 > 0) | (bfloat16 > 0)
+    assert labelled.sum() > 100 and (float32 == bfloat16)[labelled].mean() > 0.97
+    # The one-line notice appears exactly where no device here computes bfloat16.
+    from segmenter.models import precision
+    emulated = precision.bfloat16_is_emulated(precision.gpu_capabilities(), precision.cpu_flags())
+    assert ("is emulated and unlikely to be faster" in result.stdout) == emulated
 
 
 def test_evaluation(finished_run):

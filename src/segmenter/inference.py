@@ -15,7 +15,6 @@ from typing import Callable, Optional
 
 import keras
 import numpy as np
-import tensorflow as tf
 from skimage.transform import resize
 from tqdm import tqdm
 
@@ -90,10 +89,11 @@ def trained_models(config: Config):
                                       model_input_channels(model, len(preprocessing.get("channels", ["image"]))),
                                       model_path, layout.preprocessing_path(folder))
         models.append(model)
-    if config.predict.precision == "bfloat16" and precision.bfloat16_is_emulated(
-            tf.config.list_physical_devices("GPU"), precision.cpu_flags()):
-        print("predict.precision bfloat16: this CPU has no bfloat16 instructions (avx512_bf16, amx_bf16) and no "
-              "GPU is visible, so bfloat16 is emulated and unlikely to be faster than float32")
+    if config.predict.precision == "bfloat16" and precision.bfloat16_is_emulated(precision.gpu_capabilities(),
+                                                                               precision.cpu_flags()):
+        print("predict.precision bfloat16: the device here has no bfloat16 arithmetic (a CPU without avx512_bf16, "
+              "amx_bf16 or bf16, or a GPU older than compute capability 8.0), so it is emulated and unlikely to be "
+              "faster than float32")
     paths = [layout.model_path(folder) for folder in folders]
     return (models[0] if len(models) == 1 else ModelEnsemble(models)), preprocessing, paths
 

@@ -114,7 +114,7 @@ def _load_model(config: Config, manifest: Manifest, checkpoint: Optional[Path]):
     """(model, preprocessing, path): train/model/model.keras with its preprocessing.json, or a checkpoint file
     with the preloaded dataset's preprocessing (a checkpoint of a first training has no preprocessing.json yet)."""
     from segmenter import inference  # Keras, and the custom objects load_model needs: only here
-    from segmenter.models import inference_model
+    from segmenter.models import inference_model, with_precision
 
     if checkpoint is None:
         model, preprocessing = inference.load_trained_model(config)
@@ -123,7 +123,8 @@ def _load_model(config: Config, manifest: Manifest, checkpoint: Optional[Path]):
     import keras
 
     try:
-        model = inference_model(keras.models.load_model(path, compile=False))
+        model = with_precision(inference_model(keras.models.load_model(path, compile=False)),
+                               config.predict.precision)
     except Exception as error:  # a damaged or foreign file: whatever Keras raises, one line naming the file
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise InputError(path, f"cannot be read as a Keras model ({first_line})") from None

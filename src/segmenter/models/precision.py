@@ -24,8 +24,11 @@ from keras import layers
 # Keras dtype policy per predict.precision: weights stay float32, computation in the named type.
 POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
 _FLOAT32_LAYERS = (layers.BatchNormalization, layers.GroupNormalization, layers.LayerNormalization)
-# CPU flags of instructions that compute bfloat16 products natively (/proc/cpuinfo on Linux).
-BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+# CPU flags of instructions that compute bfloat16 products natively (/proc/cpuinfo on Linux: x86 lists them
+# on its "flags" lines, Arm on its "Features" lines).
+BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+# GPUs compute bfloat16 natively from compute capability 8.0 (Ampere) on.
+BFLOAT16_GPU_CAPABILITY = (8, 0)
 
 
 def _stays_float32(layer: keras.layers.Layer) -> bool:
@@ -44,7 +47,7 @@ def with_precision(model: keras.Model, precision: Optional[str]) -> keras.Model:
 
     def clone(layer):
         config = layer.get_config()
-        if not isinstance(layer, keras.layers.InputLayer) and not _stays_float32(layer):
+        if not _stays_float32(layer):  # (clone_model makes the inputs itself: no InputLayer comes here)
             config["dtype"] = policy
         return layer.__class__.from_config(config)
 
@@ -59,10 +62,21 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
         lines = cpuinfo.read_text().splitlines()
     except OSError:
         return set()
-    return {flag for line in lines if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+    return {flag for line in lines if line.startswith(("flags", "Features")) for flag in line.split(":", 1)[1].split()}
 
 
-def bfloat16_is_emulated(gpus: list, flags: set[str]) -> bool:
-    """True where no device computes bfloat16 natively: no GPU and a CPU without bfloat16 instructions, where
-    bfloat16 is not expected to be faster than float32 (not measured: this project's CPU has them)."""
-    return not gpus and not any(flag in flags for flag in BFLOAT16_CPU_FLAGS)
+def gpu_capabilities() -> list[Optional[tuple[int, int]]]:
+    """The CUDA compute capability of each GPU TensorFlow sees (None where it does not say)."""
+    import tensorflow as tf
+
+    return [tf.config.experimental.get_device_details(gpu).get("compute_capability")
+            for gpu in tf.config.list_physical_devices("GPU")]
+
+
+def bfloat16_is_emulated(capabilities: list, flags: set[str]) -> bool:
+    """True where the model would run on a device without bfloat16 arithmetic, where bfloat16 is not expected to
+    be faster than float32 (not measured: this project's CPU has it): with GPUs (``capabilities``, the model
+    runs there) one older than compute capability 8.0; without, a CPU with none of ``BFLOAT16_CPU_FLAGS``."""
+    if capabilities:
+        return any(c is not None and tuple(c) < BFLOAT16_GPU_CAPABILITY for c in capabilities)
+    return not any(flag in flags for flag in BFLOAT16_CPU_FLAGS)
