@@ -21,7 +21,14 @@ Inference: ``keras_reference`` calls ``predict_on_batch``; ``segmenter`` runs th
 folded into the convolutions), ``segmenter_bfloat16`` the same with ``predict.precision: "bfloat16"``;
 MONAI runs the network under ``torch.inference_mode``, in both layouts, and ``monai_bfloat16`` under
 ``torch.autocast`` to bfloat16 in channels-last. The machine's bfloat16 CPU flags go into the JSON: without
-them bfloat16 is emulated.
+them bfloat16 is emulated. ``segmenter_convolutions_only`` runs just the convolutions of the model segmenter
+predicts with, one after another on inputs of their shapes: the float32 ceiling, the rate segmenter would
+predict at if everything else were free, and its ratio to MONAI the most segmenter could reach against it.
+
+The input pipeline's cost is measured twice: as the difference of ``segmenter_pipeline`` and
+``segmenter_memory`` (the paired rounds are in the JSON; the machine's drift between rounds blurs it), and as
+the CPU time the pipeline alone takes per batch over the CPU time of a training step (cores x its seconds),
+which bounds what it can take from a training run that keeps every core busy.
 
 3D, as ``configs/hippocampus_3d.py`` trains (40 x 56 x 40 patches, batch 2, depth 3, 16 filters, group norm,
 3 classes), with ``segmenter_memory``, ``segmenter_pipeline`` (the patch sampler with nnU-Net's 3D
@@ -186,6 +193,48 @@ def keras_training_rate(model, dataset, batch: int, steps: int) -> float:
     return batch * steps / sum(times.seconds[WARMUP_STEPS:])
 
 
+def convolutions_only(model: keras.Model, batch: int):
+    """A function that runs each convolution of ``model`` once, one after another, on a batch of random inputs
+    of that layer's input shape: the time the convolutions alone need for one batch, bias included (for a
+    folded model the bias add is fused into the convolution). Nothing but the convolutions is run, so
+    ``batch`` divided by its time is the fastest the model could predict at on this machine if
+    normalisation, activations, pooling, concatenation and the softmax cost nothing."""
+    convolutions = [layer for layer in model._flatten_layers(include_self=False) if isinstance(layer, CONVOLUTIONS)]
+    inputs = [tf.random.normal((batch, *layer.input.shape[1:])) for layer in convolutions]
+
+    sink = tf.Variable(0.0)
+
+    # One graph, as the model runs (a function call per convolution cost up to a millisecond each), in which
+    # each convolution waits for the one before it, as in the model, so that none overlap. Grappler drops a
+    # control dependency on a stateless op, and then the convolution whose output nothing uses, so each
+    # convolution's first value goes into a variable (a stateful op, which always runs) and the next
+    # convolution waits for that. The inputs are arguments, so no convolution of constants is folded.
+    @tf.function
+    def run_all(tensors):
+        written = None
+        for layer, tensor in zip(convolutions, tensors):
+            with tf.control_dependencies([] if written is None else [written]):
+                output = layer(tf.identity(tensor))
+            written = sink.assign_add(tf.reshape(output, [-1])[0])
+        return written
+    return lambda: run_all(inputs).numpy()
+
+
+def pipeline_cpu_seconds(dataset, batches: int) -> float:
+    """CPU seconds of this process per batch that ``dataset`` (the train stage's input pipeline) takes to make,
+    with nothing else running, after a few warm-up batches. Training on all cores, the pipeline can slow it by
+    at most this CPU time per step over (cores x the step's time): a bound that the machine's drift between
+    rounds does not blur, unlike the difference of two training rates. Idle spinning of tf.data's threads
+    counts too, so the bound errs high."""
+    iterator = iter(dataset)
+    for _ in range(3):
+        next(iterator)
+    started = time.process_time()
+    for _ in range(batches):
+        next(iterator)
+    return (time.process_time() - started) / batches
+
+
 def timed_rate(function, samples: int, repeats: int) -> float:
     function()
     started = time.perf_counter()
@@ -251,7 +300,8 @@ def bench(dims: int, rounds: int, steps: int, peak_gflops: float) -> dict:
     # predict.precision "bfloat16": the convolutions in bfloat16 (models.precision).
     predicting_bfloat16 = models.with_precision(predicting, "bfloat16")
     infer = {"segmenter": lambda: inference.predict_probabilities(predicting, inference_images, batch),
-             "segmenter_bfloat16": lambda: inference.predict_probabilities(predicting_bfloat16, inference_images, batch)}
+             "segmenter_bfloat16": lambda: inference.predict_probabilities(predicting_bfloat16, inference_images, batch),
+             "segmenter_convolutions_only": convolutions_only(predicting, batch)}
     if dims == 2:
         reference = plain_keras_unet(shape, 1, setup)
         reference.compile(optimizer=keras.optimizers.Adam(1e-3), loss=plain_dice_ce, jit_compile=False)
@@ -319,15 +369,19 @@ def bench(dims: int, rounds: int, steps: int, peak_gflops: float) -> dict:
 
     train_rates = {name: [] for name in [*contenders, *monai_train]}
     infer_rates = {name: [] for name in infer}
+    pipeline_cpu = []  # CPU seconds per batch of the pipeline alone, one figure per round
     for round_index in range(rounds):
         for name, (model, dataset) in contenders.items():
             train_rates[name].append(keras_training_rate(model, dataset, batch, steps))
             print(f"{dims}D round {round_index + 1}: {name} trains {train_rates[name][-1]:.2f} samples/s", flush=True)
+        pipeline_cpu.append(pipeline_cpu_seconds(pipeline, batches=4 * steps))
+        print(f"{dims}D round {round_index + 1}: the pipeline alone takes {1e3 * pipeline_cpu[-1]:.1f} CPU ms "
+              f"per batch", flush=True)
         for name, rate in monai_train.items():
             train_rates[name].append(rate())
             print(f"{dims}D round {round_index + 1}: {name} trains {train_rates[name][-1]:.2f} samples/s", flush=True)
         for name, function in infer.items():
-            samples = len(inference_images) if name.startswith("segmenter") else batch
+            samples = len(inference_images) if name in ("segmenter", "segmenter_bfloat16") else batch
             infer_rates[name].append(timed_rate(function, samples, repeats=max(2, steps // 2)))
             print(f"{dims}D round {round_index + 1}: {name} infers {infer_rates[name][-1]:.2f} samples/s", flush=True)
 
@@ -350,7 +404,18 @@ def bench(dims: int, rounds: int, steps: int, peak_gflops: float) -> dict:
             "fraction_of_matmul_peak": round(flops_of(name) * rate / 1e9 / peak_gflops, 3)}
     training_rates = {name: entry["samples_per_s"] for name, entry in result["training"].items()}
     inference_rates = {name: entry["samples_per_s"] for name, entry in result["inference"].items()}
-    ratios = {"pipeline_cost": round(1 - training_rates["segmenter_pipeline"] / training_rates["segmenter_memory"], 3)}
+    # The pipeline's CPU time per batch over the CPU time a training step from memory has (cores x its
+    # seconds), round by round: the most the pipeline can cost a training run that keeps every core busy.
+    cores = os.cpu_count()
+    cpu_shares = [cpu * rate / (batch * cores) for cpu, rate in zip(pipeline_cpu, train_rates["segmenter_memory"])]
+    result["pipeline_alone"] = {"cpu_ms_per_batch": round(1e3 * statistics.median(pipeline_cpu), 2),
+                                "all_rounds": [round(1e3 * c, 2) for c in pipeline_cpu], "cores": cores}
+    ratios = {"pipeline_cost": round(1 - training_rates["segmenter_pipeline"] / training_rates["segmenter_memory"], 3),
+              "pipeline_cost_paired_rounds": [round(1 - p / m, 3) for p, m in
+                                              zip(train_rates["segmenter_pipeline"], train_rates["segmenter_memory"])],
+              "pipeline_cpu_share": round(statistics.median(cpu_shares), 4),
+              "infer_segmenter_over_its_convolutions_only": round(
+                  inference_rates["segmenter"] / inference_rates["segmenter_convolutions_only"], 3)}
     if "keras_reference" in training_rates:
         ratios["train_segmenter_pipeline_over_keras_reference"] = round(
             training_rates["segmenter_pipeline"] / training_rates["keras_reference"], 3)
@@ -362,6 +427,9 @@ def bench(dims: int, rounds: int, steps: int, peak_gflops: float) -> dict:
                 training_rates["segmenter_pipeline"] / training_rates[name], 3)
         for name in variants:
             ratios[f"infer_segmenter_over_{name}"] = round(inference_rates["segmenter"] / inference_rates[name], 3)
+        # The most segmenter could reach against MONAI in float32 with every operation but its convolutions free.
+        ratios["infer_segmenter_convolutions_only_over_monai"] = round(
+            inference_rates["segmenter_convolutions_only"] / inference_rates["monai"], 3)
         ratios["infer_segmenter_bfloat16_over_monai_bfloat16"] = round(
             inference_rates["segmenter_bfloat16"] / inference_rates["monai_bfloat16"], 3)
         result["monai"] = {"network": type(net).__name__, "torch": torch.__version__, "threads": torch.get_num_threads()}

@@ -246,6 +246,17 @@ def test_bfloat16_warning_only_where_no_device_computes_it(tmp_path):
     assert not bfloat16_is_emulated([None], set())  # capability unknown: no warning
 
 
+def test_the_bfloat16_notice_is_given_only_where_bfloat16_would_be_emulated(monkeypatch):
+    from segmenter.models import precision
+
+    monkeypatch.setattr(precision, "gpu_capabilities", lambda: [])
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert "is emulated and unlikely to be faster" in precision.emulation_notice("bfloat16")
+    assert precision.emulation_notice("float32") is None and precision.emulation_notice(None) is None
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512_bf16"})
+    assert precision.emulation_notice("bfloat16") is None
+
+
 def test_default_unet_is_four_levels_of_doubling_filters():
     model = build_model({}, (256, 256, 1), 2)
     widths = [model.get_layer(f"encoder_{level}_1_conv").filters for level in range(4)]

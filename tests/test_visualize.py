@@ -55,6 +55,24 @@ def test_visualize_train_with_a_checkpoint_and_test_with_the_model(trained):
     assert not list(predict_dir.glob(".*")), "no temporary file may be left behind"
 
 
+def test_a_checkpoint_drawn_in_bfloat16_gets_the_emulation_notice(trained, monkeypatch, capsys):
+    from segmenter import visualize
+    from segmenter.config import load_config
+    from segmenter.manifest import read_manifest
+    from segmenter.models import precision
+
+    work, config_path = trained
+    config = load_config(config_path, ["predict.precision=bfloat16"])
+    checkpoint = work / "experiments" / "tiny_ct" / "train" / "checkpoints" / "last" / "model.keras"
+    # As on a CPU without bfloat16 arithmetic (this machine has it).
+    monkeypatch.setattr(precision, "gpu_capabilities", lambda: [])
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2"})
+    model, _, path = visualize._load_model(config, read_manifest(config.preloaded_dir), checkpoint)
+    assert path == checkpoint
+    assert "is emulated and unlikely to be faster" in capsys.readouterr().out
+    assert "bfloat16" in {layer.compute_dtype for layer in model.layers}
+
+
 def test_predict_input_writes_a_preview_per_case_and_an_index(trained, tiny_ct_dataset):
     work, config = trained
     images = tiny_ct_dataset / "images"

@@ -89,11 +89,9 @@ def trained_models(config: Config):
                                       model_input_channels(model, len(preprocessing.get("channels", ["image"]))),
                                       model_path, layout.preprocessing_path(folder))
         models.append(model)
-    if config.predict.precision == "bfloat16" and precision.bfloat16_is_emulated(precision.gpu_capabilities(),
-                                                                               precision.cpu_flags()):
-        print("predict.precision bfloat16: the device here has no bfloat16 arithmetic (a CPU without avx512_bf16, "
-              "amx_bf16 or bf16, or a GPU older than compute capability 8.0), so it is emulated and unlikely to be "
-              "faster than float32")
+    notice = precision.emulation_notice(config.predict.precision)
+    if notice:
+        print(notice)
     paths = [layout.model_path(folder) for folder in folders]
     return (models[0] if len(models) == 1 else ModelEnsemble(models)), preprocessing, paths
 

@@ -115,6 +115,7 @@ def _load_model(config: Config, manifest: Manifest, checkpoint: Optional[Path]):
     with the preloaded dataset's preprocessing (a checkpoint of a first training has no preprocessing.json yet)."""
     from segmenter import inference  # Keras, and the custom objects load_model needs: only here
     from segmenter.models import inference_model, with_precision
+    from segmenter.models.precision import emulation_notice
 
     if checkpoint is None:
         model, preprocessing = inference.load_trained_model(config)
@@ -131,6 +132,9 @@ def _load_model(config: Config, manifest: Manifest, checkpoint: Optional[Path]):
     if model.output_shape[-1] != len(manifest.classes):
         raise ConfigError(f"{path}: the model has {model.output_shape[-1]} output channels but the preloaded "
                           f"dataset has {len(manifest.classes)} classes {manifest.classes}")
+    notice = emulation_notice(config.predict.precision)
+    if notice:
+        print(notice)
     return model, manifest.inference_preprocessing(), path
 
 

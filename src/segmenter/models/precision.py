@@ -3,7 +3,7 @@
 A model is saved with the dtype policy it was trained under: float32, or "mixed_float16" where training
 used mixed precision. Prediction may choose another: "bfloat16" computes the convolutions in bfloat16 with
 float32 weights, which on a CPU with AVX512_BF16 predicted the 2D U-Net of ``benchmarks/train_bench.py``
-2.0-2.1 times and its 3D U-Net (group norm) 1.4 times as fast as float32; "float32" computes everything in
+1.9-2.2 times and its 3D U-Net (group norm) 1.4 times as fast as float32; "float32" computes everything in
 float32 (a model trained with mixed precision predicted at full precision). As under mixed-precision
 training, normalisation layers and the softmax stay in float32 (see ``models.blocks``), so group norm's
 statistics and the probabilities keep full precision; only the convolutions' inputs and products are
@@ -80,3 +80,13 @@ def bfloat16_is_emulated(capabilities: list, flags: set[str]) -> bool:
     if capabilities:
         return any(c is not None and tuple(c) < BFLOAT16_GPU_CAPABILITY for c in capabilities)
     return not any(flag in flags for flag in BFLOAT16_CPU_FLAGS)
+
+
+def emulation_notice(precision: Optional[str]) -> Optional[str]:
+    """The line to print where ``precision`` (``predict.precision``) is "bfloat16" and this machine would
+    emulate it (``bfloat16_is_emulated``); None otherwise."""
+    if precision != "bfloat16" or not bfloat16_is_emulated(gpu_capabilities(), cpu_flags()):
+        return None
+    return ("predict.precision bfloat16: the device here has no bfloat16 arithmetic (a CPU without avx512_bf16, "
+            "amx_bf16 or bf16, or a GPU older than compute capability 8.0), so it is emulated and unlikely to be "
+            "faster than float32")
