@@ -289,7 +289,7 @@ CONFIG = {
         "save_probabilities": False,
         # The model's compute precision: None: as trained (float32; float16 after mixed-precision training);
         # "bfloat16": convolutions in bfloat16, normalisation and softmax in float32: on a CPU with AVX512_BF16,
-        # 1.9-2.2x as fast for the 2D U-Net of benchmarks/train_bench.py, 1.4x for its 3D one (group norm); test
+        # 1.9-2.1x as fast for the 2D U-Net of benchmarks/train_bench.py, 1.4x for its 3D one (group norm); test
         # Dice unchanged to 3 decimals on spine and hippocampus data (benchmarks/predict_precision.py);
         # "float32": full precision throughout.
         "precision": None,

@@ -28,7 +28,7 @@ predict at if everything else were free, and its ratio to MONAI the most segment
 The input pipeline's cost is measured twice: as the difference of ``segmenter_pipeline`` and
 ``segmenter_memory`` (the paired rounds are in the JSON; the machine's drift between rounds blurs it), and as
 the CPU time the pipeline alone takes per batch over the CPU time of a training step (cores x its seconds),
-which bounds what it can take from a training run that keeps every core busy.
+which estimates what it takes from a training run that keeps every core busy.
 
 3D, as ``configs/hippocampus_3d.py`` trains (40 x 56 x 40 patches, batch 2, depth 3, 16 filters, group norm,
 3 classes), with ``segmenter_memory``, ``segmenter_pipeline`` (the patch sampler with nnU-Net's 3D
@@ -222,10 +222,10 @@ def convolutions_only(model: keras.Model, batch: int):
 
 def pipeline_cpu_seconds(dataset, batches: int) -> float:
     """CPU seconds of this process per batch that ``dataset`` (the train stage's input pipeline) takes to make,
-    with nothing else running, after a few warm-up batches. Training on all cores, the pipeline can slow it by
-    at most this CPU time per step over (cores x the step's time): a bound that the machine's drift between
-    rounds does not blur, unlike the difference of two training rates. Idle spinning of tf.data's threads
-    counts too, so the bound errs high."""
+    with nothing else running, after a few warm-up batches. Over the CPU time of a training step (cores x its
+    seconds) it estimates what the pipeline takes from a run that keeps every core busy, an estimate that the
+    machine's drift between rounds does not blur, unlike the difference of two training rates (contention
+    may cost a step somewhat more than the CPU time; idle spinning of tf.data's threads counts here)."""
     iterator = iter(dataset)
     for _ in range(3):
         next(iterator)
@@ -405,8 +405,8 @@ def bench(dims: int, rounds: int, steps: int, peak_gflops: float) -> dict:
     training_rates = {name: entry["samples_per_s"] for name, entry in result["training"].items()}
     inference_rates = {name: entry["samples_per_s"] for name, entry in result["inference"].items()}
     # The pipeline's CPU time per batch over the CPU time a training step from memory has (cores x its
-    # seconds), round by round: the most the pipeline can cost a training run that keeps every core busy.
-    cores = os.cpu_count()
+    # seconds), round by round: what the pipeline takes from a training run that keeps every core busy.
+    cores = len(os.sched_getaffinity(0))  # the cores this process may use, not the machine's
     cpu_shares = [cpu * rate / (batch * cores) for cpu, rate in zip(pipeline_cpu, train_rates["segmenter_memory"])]
     result["pipeline_alone"] = {"cpu_ms_per_batch": round(1e3 * statistics.median(pipeline_cpu), 2),
                                 "all_rounds": [round(1e3 * c, 2) for c in pipeline_cpu], "cores": cores}

@@ -114,6 +114,24 @@ def test_bfloat16_prediction_gives_the_float32_masks(finished_run, tiny_ct_datas
     assert ("is emulated and unlikely to be faster" in result.stdout) == emulated
 
 
+def test_predict_in_bfloat16_says_where_it_would_be_emulated(finished_run, monkeypatch, capsys):
+    from segmenter import inference
+    from segmenter.config import load_config
+    from segmenter.models import precision
+
+    _, config_path, _ = finished_run
+    config = load_config(config_path, ["predict.precision=bfloat16"])
+    # As on a CPU without bfloat16 arithmetic (this machine has it), then as on one with it.
+    monkeypatch.setattr(precision, "gpu_capabilities", lambda: [])
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2"})
+    model, _, _ = inference.trained_models(config)
+    assert "is emulated and unlikely to be faster" in capsys.readouterr().out
+    assert "bfloat16" in {layer.compute_dtype for layer in model.layers}
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512_bf16"})
+    inference.trained_models(config)
+    assert "is emulated" not in capsys.readouterr().out
+
+
 def test_evaluation(finished_run):
     work, _, outputs = finished_run
     evaluate = work / "experiments" / "tiny_ct" / "evaluate"

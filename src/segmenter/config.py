@@ -270,7 +270,7 @@ class PredictConfig(_Section):
     save_probabilities: bool = False
     # The precision the model computes in (models.precision): None: as it was trained (float32, or float16
     # after mixed-precision training); "bfloat16": convolutions in bfloat16, normalisation and softmax in
-    # float32 (1.9-2.2x as fast for the 2D U-Net of benchmarks/train_bench.py on a CPU with AVX512_BF16, README);
+    # float32 (1.9-2.1x as fast for the 2D U-Net of benchmarks/train_bench.py on a CPU with AVX512_BF16, README);
     # "float32": full precision throughout.
     precision: Optional[Literal["float32", "bfloat16"]] = None
 

@@ -3,7 +3,7 @@
 A model is saved with the dtype policy it was trained under: float32, or "mixed_float16" where training
 used mixed precision. Prediction may choose another: "bfloat16" computes the convolutions in bfloat16 with
 float32 weights, which on a CPU with AVX512_BF16 predicted the 2D U-Net of ``benchmarks/train_bench.py``
-1.9-2.2 times and its 3D U-Net (group norm) 1.4 times as fast as float32; "float32" computes everything in
+1.9-2.1 times and its 3D U-Net (group norm) 1.4 times as fast as float32; "float32" computes everything in
 float32 (a model trained with mixed precision predicted at full precision). As under mixed-precision
 training, normalisation layers and the softmax stay in float32 (see ``models.blocks``), so group norm's
 statistics and the probabilities keep full precision; only the convolutions' inputs and products are
