@@ -124,11 +124,12 @@ def _load_model(config: Config, manifest: Manifest, checkpoint: Optional[Path]):
     import keras
 
     try:
-        model = with_precision(inference_model(keras.models.load_model(path, compile=False)),
-                               config.predict.precision)
+        model = inference_model(keras.models.load_model(path, compile=False))
     except Exception as error:  # a damaged or foreign file: whatever Keras raises, one line naming the file
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise InputError(path, f"cannot be read as a Keras model ({first_line})") from None
+    # Outside the try: a failure here is not the file's, and must not be reported as one.
+    model = with_precision(model, config.predict.precision)
     if model.output_shape[-1] != len(manifest.classes):
         raise ConfigError(f"{path}: the model has {model.output_shape[-1]} output channels but the preloaded "
                           f"dataset has {len(manifest.classes)} classes {manifest.classes}")
